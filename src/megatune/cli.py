@@ -1,0 +1,147 @@
+"""Command line: `megatune env | verify | tiny-model`.
+
+Distributed commands take an optional YAML file and `--key value` overrides. With
+`--nproc_per_node N` (N > 1) and no external launcher, megatune re-runs itself in N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatune.config import ConfigError, load_config, parse_overrides, read_hf_config, validate
+
+USAGE = """usage: megatune <command> [CONFIG.yaml] [--key value ...]
+
+commands:
+  env          print versions, devices and the kernels megatune will use
+  verify       load an HF checkpoint into Megatron with the given layout and compare its
+               logits with transformers' (prints max_abs_diff / mean_abs_diff; exit 1 if above
+               tolerance). Extra options: --tolerance X, --export_path DIR (also export the
+               loaded model back to HF format there)
+  tiny-model   write a tiny random-weight HF model: --model_type llama|qwen2|qwen3 --output_dir DIR
+"""
+
+# Options that belong to one command rather than to the run configuration.
+COMMAND_OPTIONS = {"verify": {"tolerance": float, "export_path": str}}
+
+
+def _error(lines: list[str]) -> int:
+    from megatune.distributed import rank
+
+    prefix = "megatune: error: " if rank() == 0 else f"megatune: error [rank {rank()}]: "
+    for line in lines:
+        print(prefix + line, file=sys.stderr)
+    return 2
+
+
+def _split_command_options(command: str, overrides: dict) -> dict:
+    extras = {}
+    for key, kind in COMMAND_OPTIONS.get(command, {}).items():
+        if key in overrides:
+            try:
+                extras[key] = kind(overrides.pop(key))
+            except ValueError:
+                raise ConfigError([f"command line: --{key} expects a {kind.__name__}"]) from None
+    return extras
+
+
+def _quiet_known_warnings() -> None:
+    """Megatron warns at import that TE/Apex are missing; `megatune env` reports that properly."""
+    import warnings
+
+    for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                    ".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_known_warnings()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "env":
+            from megatune.env_report import env_lines
+
+            print("\n".join(env_lines()))
+            return 0
+        if command == "tiny-model":
+            return _tiny_model(rest)
+        if command == "verify":
+            return _distributed(command, rest, argv)
+    except ConfigError as err:
+        return _error(err.problems)
+    print(f"megatune: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _tiny_model(rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megatune tiny-model")
+    parser.add_argument("--model_type", default="qwen3", choices=["llama", "qwen2", "qwen3"])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--tie_word_embeddings", default="false", choices=["true", "false"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(rest)
+    from megatune.tiny import make_tiny_model
+
+    make_tiny_model(args.model_type, args.output_dir, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings == "true")
+    print(f"wrote a tiny {args.model_type} model to {args.output_dir}")
+    return 0
+
+
+def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
+    from megatune.launch import launch_workers, under_launcher
+
+    yaml_path = rest[0] if rest and not rest[0].startswith("--") else None
+    overrides = parse_overrides(rest[1:] if yaml_path else rest)
+    extras = _split_command_options(command, overrides)
+    config = load_config(yaml_path, overrides)
+    if config.model.model_name_or_path is None:
+        raise ConfigError(["model_name_or_path is required (YAML key or --model_name_or_path DIR)"])
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else config.parallel.nproc_per_node
+    hf = read_hf_config(config.model.model_name_or_path) if os.path.isdir(config.model.model_name_or_path) else None
+    layout = validate(config, world, hf)
+    if not under_launcher() and world > 1:
+        return launch_workers(world, argv)
+    return _run_worker(command, config, layout, extras)
+
+
+def _run_worker(command, config, layout, extras) -> int:
+    from megatune.distributed import init_distributed, is_rank0, shutdown
+    from megatune.models.family import UnsupportedModelError
+    from megatune.models.hf_io import CheckpointError
+
+    init_distributed(layout, config.training.seed, config.training.ddp_timeout)
+    try:
+        if is_rank0():
+            print(f"megatune: {layout.describe()}", flush=True)
+        if command == "verify":
+            return _verify(config, extras)
+        raise AssertionError(command)
+    except (UnsupportedModelError, CheckpointError, ValueError) as err:
+        return _error([str(err)])
+    finally:
+        shutdown()
+
+
+def _verify(config, extras) -> int:
+    from megatune.distributed import is_rank0
+    from megatune.models.build import build_model, param_dtype
+    from megatune.verify import run_verify
+
+    model_dir = config.model.model_name_or_path
+    bundle = build_model(config, model_dir)
+    result = run_verify(
+        bundle,
+        model_dir,
+        param_dtype(config),
+        extras.get("tolerance"),
+        export_path=extras.get("export_path"),
+    )
+    if is_rank0():
+        print(result.line(), flush=True)
+    return 0 if result.passed else 1

@@ -1,0 +1,218 @@
+"""Make Megatron-core run on CPU-only hosts (gloo), so CI and laptops exercise the real engine.
+
+Megatron-core assumes CUDA in a few places. Each patch below names the Megatron call that needs
+it; all are applied only when CUDA is absent, where the original code would raise anyway, so no
+working GPU behaviour can change. Patches target a Megatron module's attribute where that is
+enough; `torch.cuda.current_device` is patched once on `torch.cuda` because Megatron calls it
+from well over a hundred sites in dozens of modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+_APPLIED: list["Patch"] = []
+
+
+@dataclass(frozen=True)
+class Patch:
+    module: str  # dotted module path whose attribute is replaced
+    attr: str
+    make: Callable[[Any], Any]  # original -> replacement
+    why: str
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream/Event: on CPU all work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CpuCuda:
+    """`torch.cuda` as seen by a patched Megatron module: streams and events become no-ops."""
+
+    Stream = _NullStream
+    Event = _NullStream
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _NullStream()
+
+    @staticmethod
+    def stream(*args, **kwargs):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        pass
+
+    @staticmethod
+    def get_rng_state(*args, **kwargs):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def manual_seed(seed):
+        torch.manual_seed(seed)
+
+
+def _to_cpu_device(kwargs: dict) -> dict:
+    dev = kwargs.get("device")
+    if dev is not None and torch.device(dev).type == "cuda":
+        kwargs["device"] = "cpu"
+    return kwargs
+
+
+class _CpuTorch:
+    """`torch` as seen by a patched Megatron module: tensor factories given device="cuda" get
+    the CPU instead, and `torch.cuda` streams are no-ops. Everything else is the real torch."""
+
+    cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        return torch.zeros(*args, **_to_cpu_device(kwargs))
+
+    @staticmethod
+    def ones(*args, **kwargs):
+        return torch.ones(*args, **_to_cpu_device(kwargs))
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **_to_cpu_device(kwargs))
+
+    @staticmethod
+    def tensor(*args, **kwargs):
+        return torch.tensor(*args, **_to_cpu_device(kwargs))
+
+
+def _cpu_torch(_original):
+    return _CpuTorch()
+
+
+def _with_tensor_cuda_as_identity(original):
+    """Run `original` with Tensor.cuda() returning the tensor itself, then restore it."""
+
+    def wrapper(*args, **kwargs):
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = saved
+
+    return wrapper
+
+
+PATCHES: list[Patch] = [
+    Patch(
+        "torch.cuda",
+        "current_device",
+        lambda orig: _cpu_device,
+        "tensor_parallel.layers/mappings, rotary embeddings, p2p_communication and the optimizer "
+        "allocate with device=torch.cuda.current_device(); on CPU that must be the CPU.",
+    ),
+    Patch(
+        "megatron.core.pipeline_parallel.schedules",
+        "torch",
+        _cpu_torch,
+        "forward_backward_* count tokens in torch.zeros(..., device='cuda').",
+    ),
+    Patch(
+        "megatron.core.pipeline_parallel.p2p_communication",
+        "torch",
+        _cpu_torch,
+        "pipeline send/recv (_communicate_shapes, _communicate) call torch.cuda.synchronize().",
+    ),
+    Patch(
+        "megatron.core.models.common.language_module.language_module:LanguageModule",
+        "setup_embeddings_and_output_layer",
+        _with_tensor_cuda_as_identity,
+        "with tied embeddings and pipeline parallelism the last stage's copy of the embedding "
+        "is synced by `weight.data = weight.data.cuda()` before an all-reduce.",
+    ),
+    Patch(
+        "megatron.core.tensor_parallel.random",
+        "torch",
+        _cpu_torch,
+        "model_parallel_cuda_manual_seed and CudaRNGStatesTracker.add seed and read the CUDA RNG; "
+        "on CPU the tracker keeps CPU generator states (embedding dropout under sequence "
+        "parallelism forks the tracker).",
+    ),
+    Patch(
+        "megatron.core.tensor_parallel.random",
+        "_get_cuda_rng_state",
+        lambda orig: lambda *args, **kwargs: torch.get_rng_state(),
+        "CudaRNGStatesTracker.fork saves the current CUDA RNG state.",
+    ),
+    Patch(
+        "megatron.core.tensor_parallel.random",
+        "_set_cuda_rng_state",
+        lambda orig: lambda state, *args, **kwargs: torch.set_rng_state(state),
+        "CudaRNGStatesTracker.fork/add restore a CUDA RNG state.",
+    ),
+]
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _resolve(path: str):
+    """'pkg.module' or 'pkg.module:Class' -> the object whose attribute is patched."""
+    module_path, _, cls = path.partition(":")
+    target = importlib.import_module(module_path)
+    return getattr(target, cls) if cls else target
+
+
+def enable_cpu_compat() -> list[Patch]:
+    """Apply every patch once; return the list applied (empty when CUDA is present)."""
+    if cuda_available():
+        return []
+    for patch in PATCHES:
+        if patch in _APPLIED:
+            continue
+        target = _resolve(patch.module)
+        original = getattr(target, patch.attr)
+        setattr(target, patch.attr, patch.make(original))
+        _APPLIED.append(patch)
+    return list(_APPLIED)

@@ -1,0 +1,449 @@
+"""Typed run configuration: LLaMA-Factory YAML keys plus Megatron parallelism keys.
+
+One flat namespace of keys (as in LLaMA-Factory YAML files), grouped into sections for
+readability. `load_config` reads a YAML file, applies `--key value` overrides and type-checks
+every value; `validate` checks the layout against the world size and the model before any heavy
+work starts. Problems are collected and reported together, one line each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; `str()` gives one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class ModelSection:
+    model_name_or_path: Optional[str] = None
+    trust_remote_code: bool = False  # accepted for compatibility; custom code is never executed
+
+
+@dataclass
+class DataSection:
+    dataset: Optional[str] = None
+    eval_dataset: Optional[str] = None
+    dataset_dir: str = "data"
+    template: Optional[str] = None
+    cutoff_len: int = 2048
+    max_samples: Optional[int] = None
+    overwrite_cache: bool = False
+    preprocessing_num_workers: Optional[int] = None
+    packing: Optional[bool] = None
+    neat_packing: bool = False
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    val_size: float = 0.0
+    mix_strategy: str = "concat"
+    interleave_probs: Optional[str] = None
+    streaming: bool = False
+    tokenized_path: Optional[str] = None
+    enable_thinking: bool = True
+    skip_invalid: bool = False
+
+
+@dataclass
+class TrainingSection:
+    stage: str = "sft"
+    do_train: bool = True
+    finetuning_type: str = "full"
+    output_dir: str = "output"
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    min_lr: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    eval_steps: Optional[int] = None
+    eval_strategy: str = "no"
+    bf16: bool = False
+    fp16: bool = False
+    seed: int = 42
+    resume_from_checkpoint: Optional[str] = None
+    report_to: str = "none"
+    plot_loss: bool = False
+    ddp_timeout: int = 1800
+
+
+@dataclass
+class ParallelSection:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: Optional[int] = None
+    moe_grouped_gemm: bool = True
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_aux_loss_coeff: Optional[float] = None
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    bias_activation_fusion: bool = True
+    apply_rope_fusion: bool = False
+    nproc_per_node: int = 1
+
+
+SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "training": TrainingSection,
+    "parallel": ParallelSection,
+}
+
+# Keys LLaMA-Factory accepts that make no sense on this backend: refused with the reason.
+UNSUPPORTED_KEYS = {
+    "deepspeed": "megatune shards with Megatron-core; remove it and use the *_parallel_size keys",
+    "fsdp": "megatune shards with Megatron-core; remove it and use the *_parallel_size keys",
+    "lora_rank": "only full fine-tuning is supported (finetuning_type: full)",
+    "lora_target": "only full fine-tuning is supported (finetuning_type: full)",
+    "quantization_bit": "quantized training is not supported",
+}
+
+CHOICES = {
+    "stage": ("pt", "sft"),
+    "finetuning_type": ("full",),
+    "lr_scheduler_type": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "mix_strategy": ("concat", "interleave_under", "interleave_over"),
+    "moe_token_dispatcher_type": ("alltoall", "allgather"),
+    "recompute_granularity": (None, "full", "selective"),
+    "recompute_method": (None, "uniform", "block"),
+    "eval_strategy": ("no", "steps", "epoch"),
+}
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    source: Optional[str] = None  # the YAML file it came from, for messages
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_flat_dict(), sort_keys=False))
+
+
+def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            index[f.name] = (section, f)
+    return index
+
+
+KEYS = _key_index()
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ValueError."""
+    hint = typing.get_type_hints(SECTIONS[KEYS[key][0]])[key]
+    optional = False
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+        if optional:
+            return None
+        raise ValueError("must not be empty")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (list, tuple)):  # LLaMA-Factory allows dataset lists
+            return ",".join(str(v) for v in value)
+        return str(value)
+    return value
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs into a dict; a bare `--flag` means true."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError([f"unexpected argument {arg!r}: options are written --key value"])
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 1
+        else:
+            value = "true"
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _unknown_key_message(key: str, where: str) -> str:
+    if key in UNSUPPORTED_KEYS:
+        return f"{where}: key '{key}' is not supported: {UNSUPPORTED_KEYS[key]}"
+    close = difflib.get_close_matches(key, KEYS.keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{where}: unknown key '{key}'{hint}"
+
+
+def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
+    """Type-check every key (collecting all problems) and return the Config."""
+    problems = []
+    sections = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if key not in KEYS:
+            problems.append(_unknown_key_message(key, where[key]))
+            continue
+        section, f = KEYS[key]
+        try:
+            value = _coerce(key, f.type, value)
+        except ValueError as err:
+            problems.append(f"{where[key]}: key '{key}' {err}")
+            continue
+        if key in CHOICES and value not in CHOICES[key]:
+            allowed = ", ".join(str(c) for c in CHOICES[key] if c is not None)
+            problems.append(f"{where[key]}: {key}={value!r} is not supported; choose one of: {allowed}")
+            continue
+        sections[section][key] = value
+    if problems:
+        raise ConfigError(problems)
+    return Config(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+
+
+def load_config(yaml_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> Config:
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError([f"config file {yaml_path} does not exist"])
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{yaml_path}: not valid YAML: {err}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{yaml_path}: expected a mapping of key: value at the top level"])
+        for key, value in loaded.items():
+            values[key] = value
+            where[key] = str(yaml_path)
+    for key, value in (overrides or {}).items():
+        values[key] = value
+        where[key] = "command line"
+    config = build_config(values, where)
+    config.source = yaml_path
+    return config
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Derived sizes, computed in one place with Megatron's rules."""
+
+    world_size: int
+    tp: int
+    pp: int
+    vpp: Optional[int]
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    expert_dp: int
+    micro_batch_size: int
+    num_micro_batches: int
+    global_batch_size: int
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} "
+            f"etp={self.etp} -> data-parallel size {self.dp}; global batch = "
+            f"{self.micro_batch_size} (micro) x {self.num_micro_batches} (grad accum) x "
+            f"{self.dp} (dp) = {self.global_batch_size} sequences per step"
+        )
+
+
+def derive_layout(config: Config, world_size: int) -> Layout:
+    """Megatron's rule: dp = world / (tp * pp * cp); expert parallelism does not shrink it."""
+    p, t = config.parallel, config.training
+    tp, pp, cp, ep = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+    )
+    etp = p.expert_tensor_parallel_size or tp
+    dp = world_size // (tp * pp * cp)
+    return Layout(
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        vpp=p.virtual_pipeline_model_parallel_size,
+        cp=cp,
+        ep=ep,
+        etp=etp,
+        dp=dp,
+        expert_dp=world_size // (ep * etp * pp),
+        micro_batch_size=t.per_device_train_batch_size,
+        num_micro_batches=t.gradient_accumulation_steps,
+        global_batch_size=t.per_device_train_batch_size * t.gradient_accumulation_steps * dp,
+    )
+
+
+def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) -> Layout:
+    """Check everything that can be checked before heavy work; raise ConfigError listing all."""
+    p = config.parallel
+    problems = []
+    for key in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "expert_model_parallel_size",
+        "nproc_per_node",
+    ):
+        if getattr(p, key) < 1:
+            problems.append(f"{key}={getattr(p, key)} must be at least 1")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(config.training, key) < 1:
+            problems.append(f"{key}={getattr(config.training, key)} must be at least 1")
+    if problems:
+        raise ConfigError(problems)
+
+    tp, pp, cp, ep = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+    )
+    etp = p.expert_tensor_parallel_size or tp
+    if world_size % (tp * pp * cp):
+        problems.append(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size x context_parallel_size = {tp}x{pp}x{cp} = {tp * pp * cp}"
+        )
+    elif world_size % (ep * etp * pp):
+        problems.append(
+            f"world size {world_size} is not divisible by expert_model_parallel_size x "
+            f"expert_tensor_parallel_size x pipeline_model_parallel_size = {ep}x{etp}x{pp}"
+        )
+    if p.sequence_parallel and tp == 1:
+        problems.append("sequence_parallel: true needs tensor_model_parallel_size > 1")
+    if p.virtual_pipeline_model_parallel_size is not None and pp == 1:
+        problems.append("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
+    if config.training.bf16 and config.training.fp16:
+        problems.append("bf16 and fp16 are both true; choose one")
+    path = config.model.model_name_or_path
+    if path is not None and not Path(path).is_dir():
+        problems.append(
+            f"model_name_or_path: folder {path} does not exist (megatune loads local Hugging Face "
+            "checkpoints only; download the model first)"
+        )
+    if hf_config is not None:
+        problems += _model_problems(config, hf_config)
+    if problems:
+        raise ConfigError(problems)
+    return derive_layout(config, world_size)
+
+
+def _model_problems(config: Config, hf: dict) -> list[str]:
+    p = config.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    vpp = p.virtual_pipeline_model_parallel_size or 1
+    problems = []
+    heads = hf.get("num_attention_heads")
+    groups = hf.get("num_key_value_heads") or heads
+    layers = hf.get("num_hidden_layers")
+    vocab = hf.get("vocab_size")
+    if heads and heads % tp:
+        problems.append(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}")
+    if groups and groups % tp:
+        problems.append(
+            f"num_key_value_heads={groups} (query groups) is not divisible by "
+            f"tensor_model_parallel_size={tp}"
+        )
+    if vocab and vocab % tp:
+        problems.append(f"vocab_size={vocab} is not divisible by tensor_model_parallel_size={tp}")
+    if layers and layers % (pp * vpp):
+        problems.append(
+            f"num_hidden_layers={layers} is not divisible by pipeline_model_parallel_size x "
+            f"virtual_pipeline_model_parallel_size = {pp}x{vpp}"
+        )
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    if experts:
+        ep = p.expert_model_parallel_size
+        if experts % ep:
+            problems.append(f"num_experts={experts} is not divisible by expert_model_parallel_size={ep}")
+        if tp > 1 and not p.sequence_parallel:
+            problems.append(
+                "MoE models with tensor_model_parallel_size > 1 need sequence_parallel: true "
+                "(a Megatron-core requirement)"
+            )
+    elif p.expert_model_parallel_size > 1:
+        problems.append(
+            f"expert_model_parallel_size={p.expert_model_parallel_size} but the model has no experts"
+        )
+    return problems
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError([f"model_name_or_path: {model_dir} has no config.json; is it a Hugging Face model folder?"])
+    return json.loads(path.read_text())

@@ -1,0 +1,1 @@
+"""Torch-native Megatron layer pieces, used when Transformer Engine is absent."""

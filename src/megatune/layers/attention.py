@@ -1,0 +1,88 @@
+"""Core attention on `torch.nn.functional.scaled_dot_product_attention`.
+
+Megatron's own `DotProductAttention` materialises the full score matrix with a fused softmax that
+needs CUDA; SDPA picks flash/memory-efficient kernels on GPU and a correct math path on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in for Megatron's core attention: takes [s, b, heads, dim], returns [s, b, heads*dim]."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError(
+                "context parallelism needs Transformer Engine attention; "
+                "set context_parallel_size: 1 or install megatune[te]"
+            )
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by the SDPA attention")
+        mask_type = attn_mask_type or self.attn_mask_type
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask = None
+        causal = mask_type == AttnMaskType.causal
+        if packed_seq_params is not None:
+            mask = document_causal_mask(packed_seq_params.cu_seqlens_q, q.shape[2], q.device)
+            causal = False
+        elif attention_mask is not None:
+            # Megatron masks are True where attention is *not* allowed.
+            mask = ~attention_mask
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            scale=self.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """Boolean [1, 1, s, s] mask, True where a token may attend: causal and within its document."""
+    positions = torch.arange(seq_len, device=device)
+    doc = torch.bucketize(positions, cu_seqlens.to(device)[1:], right=True)
+    same_doc = doc.unsqueeze(0) == doc.unsqueeze(1)
+    causal = positions.unsqueeze(0) <= positions.unsqueeze(1)
+    return (same_doc & causal)[None, None]

@@ -1,0 +1,94 @@
+"""Which Megatron layer spec a model uses: Transformer Engine when usable, torch-native otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from megatune.layers.attention import SDPAttention
+from megatune.layers.norm import RMSNorm
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The implementation chosen for each hot piece of the model; printed by `megatune env`."""
+
+    name: str  # "te" or "torch"
+    attention: str
+    norm: str
+    moe_experts: str
+
+
+def te_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def choose_backend() -> Backend:
+    if te_usable():
+        return Backend("te", "TEDotProductAttention", "TENorm (fused into linear)", "TEGroupedMLP")
+    return Backend(
+        "torch",
+        "torch scaled_dot_product_attention",
+        "megatune RMSNorm (fp32, sequence-parallel aware)",
+        "not supported yet (MoE lands with the MoE issue)",
+    )
+
+
+def dense_decoder_spec(config: TransformerConfig, qk_layernorm: bool, vp_stage: int | None):
+    """Decoder spec for dense layers (Llama/Qwen2/Qwen3) of this pipeline stage."""
+    if te_usable():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    # Spelled out as block submodules so the final norm is ours too (Megatron would pick
+    # torch's RMSNorm, which refuses sequence parallelism).
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[torch_native_layer_spec(qk_layernorm)] * layers, layer_norm=RMSNorm
+    )
+
+
+def torch_native_layer_spec(qk_layernorm: bool) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=RMSNorm if qk_layernorm else IdentityOp,
+                    k_layernorm=RMSNorm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,132 @@
+"""Move weights between an HF safetensors folder and Megatron model chunks, any TP/PP layout.
+
+Names: Megatron holds `decoder.layers.<local>`; the mapping tables use the global layer index,
+which each layer knows (`layer_number` is 1-based and already includes the pipeline offset).
+"""
+
+from __future__ import annotations
+
+
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatune.models.build import ModelBundle
+from megatune.models.hf_io import (
+    CheckpointError,
+    SafetensorsSource,
+    ShardWriter,
+    clear_old_weights,
+    finalize_shards,
+    write_side_files,
+)
+from megatune.models.mappings import Mapping
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# Transformer Engine fuses the pre-attention/pre-MLP norms into the next linear.
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+OUTPUT_LAYER = "output_layer.weight"
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def global_params(chunk: torch.nn.Module):
+    """Yield (global Megatron name, parameter) for every parameter of one model chunk."""
+    layers = chunk.decoder.layers
+    for name, param in chunk.named_parameters():
+        match = _LOCAL_LAYER.match(name)
+        if match:
+            layer = layers[int(match.group(1))].layer_number - 1
+            name = f"decoder.layers.{layer}." + name[match.end():]
+        for te_name, local_name in _TE_ALIASES.items():
+            name = name.replace(te_name, local_name)
+        yield name, param
+
+
+def resolve(bundle: ModelBundle, name: str) -> tuple[Mapping, int | None]:
+    if name == OUTPUT_LAYER and bundle.tied:
+        # With pipeline parallelism the last stage keeps its own copy of the tied embedding.
+        name = EMBEDDING
+    for mapping in bundle.family.mappings:
+        match = mapping.pattern().match(name)
+        if match:
+            layer = match.groupdict().get("layer")
+            return mapping, int(layer) if layer is not None else None
+    raise KeyError(f"no {bundle.family.model_type} mapping for Megatron parameter '{name}'")
+
+
+@torch.no_grad()
+def load_hf_weights(bundle: ModelBundle, model_dir: str) -> int:
+    """Fill every parameter of this rank from the HF folder, reading only this rank's slices.
+
+    Returns the number of parameters loaded; raises if any shape disagrees.
+    """
+    src = SafetensorsSource(model_dir)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    count = 0
+    for chunk in bundle.chunks:
+        for name, param in global_params(chunk):
+            mapping, layer = resolve(bundle, name)
+            value = mapping.load(src, layer, tp_rank, tp_size, bundle.shapes)
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{model_dir}: {mapping.hf_names()} (layer {layer}) gives shape "
+                    f"{tuple(value.shape)} for Megatron '{name}', which expects {tuple(param.shape)}"
+                )
+            param.copy_(value)
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def export_hf(
+    bundle: ModelBundle,
+    src_dir: str,
+    out_dir: str,
+    dtype: torch.dtype,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> None:
+    """Gather the model into an HF folder. Collective: every rank must call it.
+
+    Each pipeline stage's first data-parallel, first tensor-parallel rank writes its own
+    layers, flushing a shard file whenever it reaches `max_shard_bytes`; no rank ever holds more
+    than its own parameters plus one shard. Rank 0 then names the shards and writes the index.
+    """
+    out = Path(out_dir)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_old_weights(out)
+    dist.barrier()
+    writes = ps.get_data_parallel_rank() == 0
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    writer = ShardWriter(out, f"pp{ps.get_pipeline_model_parallel_rank():03d}", max_shard_bytes)
+    if writes:
+        for chunk in bundle.chunks:
+            for name, param in global_params(chunk):
+                if name == OUTPUT_LAYER and bundle.tied:
+                    continue  # HF ties lm_head to the embedding; the first stage writes it
+                mapping, layer = resolve(bundle, name)
+                if mapping.tp_dim is None or tp_size == 1:
+                    shards = [param]
+                else:
+                    shards = [torch.empty_like(param) for _ in range(tp_size)]
+                    dist.all_gather(shards, param.contiguous(), group=tp_group)
+                if tp_rank == 0:
+                    for hf_name, tensor in mapping.unshard([s.cpu() for s in shards], layer, bundle.shapes).items():
+                        writer.add(hf_name, tensor.to(dtype))
+        writer.flush()
+    all_files: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_files, (ps.get_pipeline_model_parallel_rank(), writer.files))
+    if dist.get_rank() == 0:
+        ordered = [f for _, files in sorted(all_files, key=lambda x: x[0]) for f in files]
+        finalize_shards(out, ordered)
+        write_side_files(Path(src_dir), out, dtype)
+    dist.barrier()

@@ -1,0 +1,39 @@
+"""Tiny random-weight HF checkpoints built offline from transformers config classes.
+
+Used by the quick start and the tests: no hub access, a few hundred kB on disk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_SHAPE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, **overrides) -> str:
+    """Save a randomly initialised `model_type` causal LM (fp32 safetensors) into out_dir."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**TINY_SHAPE, **overrides}
+    if model_type == "qwen3":
+        kwargs.setdefault("head_dim", 32)  # explicit head_dim != hidden/heads, as in real Qwen3
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random norm weights, so a mapping that mixes up norms cannot pass by accident.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.1)
+    model.save_pretrained(out_dir)
+    return out_dir
