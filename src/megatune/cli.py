@@ -105,6 +105,13 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else config.parallel.nproc_per_node
     hf = read_hf_config(config.model.model_name_or_path) if os.path.isdir(config.model.model_name_or_path) else None
     layout = validate(config, world, hf)
+    if hf is not None:
+        from megatune.models import UnsupportedModelError, get_family
+
+        try:
+            get_family(hf, f"{config.model.model_name_or_path}/config.json")
+        except UnsupportedModelError as err:
+            raise ConfigError([str(err)]) from None
     if not under_launcher() and world > 1:
         return launch_workers(world, argv)
     return _run_worker(command, config, layout, extras)
