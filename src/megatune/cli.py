@@ -52,8 +52,12 @@ def _quiet_known_warnings() -> None:
     import warnings
 
     for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-                    ".*full scope is deprecated.*"):
+                    ".*full scope is deprecated.*", ".*all_gather_into_tensor. is deprecated.*"):
         warnings.filterwarnings("ignore", message=pattern)
+    import torch
+
+    if not torch.cuda.is_available():  # a GPU tuning hint, meaningless on CPU
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
 
 
 def main(argv: list[str] | None = None) -> int:
