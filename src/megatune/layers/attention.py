@@ -54,11 +54,16 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by the SDPA attention")
         mask_type = attn_mask_type or self.attn_mask_type
+        packed = query.dim() == 3  # Megatron squeezes the batch dim for packed ("thd") input
+        if packed:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask = None
         causal = mask_type == AttnMaskType.causal
         if packed_seq_params is not None:
+            # Block-diagonal causal mask: exact on any device. O(t^2) memory; a varlen kernel
+            # on CUDA belongs to the GPU speed work.
             mask = document_causal_mask(packed_seq_params.cu_seqlens_q, q.shape[2], q.device)
             causal = False
         elif attention_mask is not None:
@@ -76,7 +81,7 @@ class SDPAttention(MegatronModule):
             enable_gqa=q.shape[1] != k.shape[1],
         )
         s, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # packed: [t, 1, h*d], as Megatron reshapes
 
 
 def document_causal_mask(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:

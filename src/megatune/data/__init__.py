@@ -1,0 +1,1 @@
+"""LLaMA-Factory-compatible data pipeline: registry -> converters -> templates -> processors -> collator."""

@@ -1,0 +1,89 @@
+"""Batch samples into model inputs; the one place labels are shifted to next-token targets.
+
+Padding goes to a multiple of `pad_multiple` (tp under sequence parallelism, 2*cp under context
+parallelism: `pad_multiple_for`). Packed micro-batches become one "thd" row with cu_seqlens, the
+form Megatron's PackedSeqParams takes; padding there is a document of its own, fully masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatune.data.processors import IGNORE, Sample
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b, s] next-token targets, IGNORE where no loss
+    position_ids: torch.Tensor  # [b, s]
+    cu_seqlens: torch.Tensor | None = None  # [docs + 1] int32, packed ("thd") batches only
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        return self.labels != IGNORE
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def pad_multiple_for(tp: int, cp: int, sequence_parallel: bool) -> int:
+    multiple = tp if sequence_parallel else 1
+    if cp > 1:
+        multiple = multiple * 2 * cp
+    return multiple
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def shift_document(labels: list[int]) -> list[int]:
+    """Position i learns token i+1 of the same document; the last position learns nothing."""
+    return labels[1:] + [IGNORE]
+
+
+def collate(samples: list[Sample], pad_id: int, pad_multiple: int = 1) -> Batch:
+    """Right-padded [b, s] batch; positions count from 0 in each row."""
+    length = _round_up(max(len(s.input_ids) for s in samples), pad_multiple)
+    tokens = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
+    for row, s in enumerate(samples):
+        if len(s.doc_lens) > 1:
+            raise ValueError("packed samples go through collate_packed")
+        n = len(s.input_ids)
+        tokens[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(shift_document(s.labels))
+    positions = torch.arange(length).unsqueeze(0).expand(len(samples), -1).contiguous()
+    return Batch(tokens, labels, positions)
+
+
+def collate_packed(samples: list[Sample], pad_id: int, pad_multiple: int = 1) -> Batch:
+    """All documents of the micro-batch in one row, with cu_seqlens marking their bounds."""
+    tokens: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    bounds = [0]
+    for s in samples:
+        start = 0
+        for n in s.doc_lens:
+            tokens += s.input_ids[start:start + n]
+            labels += shift_document(s.labels[start:start + n])
+            positions += range(n)
+            bounds.append(bounds[-1] + n)
+            start += n
+    pad = _round_up(len(tokens), pad_multiple) - len(tokens)
+    if pad:
+        tokens += [pad_id] * pad
+        labels += [IGNORE] * pad
+        positions += range(pad)
+        bounds.append(bounds[-1] + pad)
+    return Batch(
+        torch.tensor([tokens]),
+        torch.tensor([labels]),
+        torch.tensor([positions]),
+        torch.tensor(bounds, dtype=torch.int32),
+    )

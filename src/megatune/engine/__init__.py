@@ -1,0 +1,1 @@
+"""The training engine on Megatron-core: forward/loss, schedules, optimizer, checkpoints."""
