@@ -20,11 +20,13 @@ commands:
                logits with transformers' (prints max_abs_diff / mean_abs_diff; exit 1 if above
                tolerance). Extra options: --tolerance X, --export_path DIR (also export the
                loaded model back to HF format there)
+  data         run the data pipeline with only the tokenizer and write the processed samples:
+               megatune data CONFIG.yaml --output FILE.jsonl [--max_samples N]
   tiny-model   write a tiny random-weight HF model: --model_type llama|qwen2|qwen3 --output_dir DIR
 """
 
 # Options that belong to one command rather than to the run configuration.
-COMMAND_OPTIONS = {"verify": {"tolerance": float, "export_path": str}}
+COMMAND_OPTIONS = {"verify": {"tolerance": float, "export_path": str}, "data": {"output": str}}
 
 
 def _error(lines: list[str]) -> int:
@@ -77,10 +79,49 @@ def main(argv: list[str] | None = None) -> int:
             return _tiny_model(rest)
         if command == "verify":
             return _distributed(command, rest, argv)
+        if command == "data":
+            return _data(rest)
     except ConfigError as err:
         return _error(err.problems)
     print(f"megatune: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _data(rest: list[str]) -> int:
+    import json
+
+    from megatune.data.registry import DataError
+
+    yaml_path = rest[0] if rest and not rest[0].startswith("--") else None
+    overrides = parse_overrides(rest[1:] if yaml_path else rest)
+    extras = _split_command_options("data", overrides)
+    config = load_config(yaml_path, overrides)
+    if "output" not in extras:
+        raise ConfigError(["megatune data needs --output FILE.jsonl"])
+    if config.model.model_name_or_path is None:
+        raise ConfigError(["model_name_or_path is required: a folder with the tokenizer files"])
+    from transformers import AutoTokenizer
+
+    from megatune.data.pipeline import build_samples
+    from megatune.data.preview import render
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
+    try:
+        samples, stats = build_samples(config, tokenizer)
+    except DataError as err:
+        return _error([str(err)])
+    with open(extras["output"], "w") as f:
+        for s in samples:
+            row = {"input_ids": s.input_ids, "labels": s.labels}
+            if config.data.packing:
+                row["doc_lens"] = s.doc_lens
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(samples)} samples to {extras['output']}")
+    print(stats.line())
+    if samples:
+        print("first sample (learned tokens highlighted):")
+        print(render(samples[0], tokenizer))
+    return 0
 
 
 def _tiny_model(rest: list[str]) -> int:

@@ -1,0 +1,134 @@
+"""Config -> tokenized training samples: the data pipeline end to end.
+
+Per dataset: load rows -> convert each to a Conversation -> encode with the template -> one
+sample (input_ids, labels); then mix datasets, split off validation, chunk (pt) or pack.
+Encoding runs through `datasets.map`, so `preprocessing_num_workers` and `tokenized_path`
+work as in LLaMA-Factory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+from megatune.config import Config
+from megatune.data.processors import IGNORE, Sample, pack_samples, pretrain_samples, supervised_sample
+
+ENCODED_COLUMNS = ("input_ids", "labels", "truncated", "error")
+
+
+@dataclass
+class DataStats:
+    samples: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    packing_efficiency: float | None = None  # real tokens / (packed sequences x cutoff_len)
+
+    def line(self) -> str:
+        parts = [
+            f"samples={self.samples}",
+            f"tokens={self.tokens}",
+            f"loss_tokens={self.loss_tokens}",
+            f"truncated={self.truncated}",
+            f"dropped={self.dropped}",
+        ]
+        if self.packing_efficiency is not None:
+            parts.append(f"packing_efficiency={self.packing_efficiency:.1%}")
+        return " ".join(parts)
+
+
+def _encode_row(row: dict, idx: int, spec, template, tokenizer, config: Config, file_label: str) -> dict:
+    """One raw row -> encoded columns; errors are returned, not raised, so skip_invalid can count them."""
+    from megatune.data.converters import to_conversation
+    from megatune.data.registry import DataError
+
+    d = config.data
+    source = f"dataset '{spec.name}', {file_label}, row {idx}"
+    try:
+        conversation = to_conversation(row, spec, source, stage=config.training.stage)
+        if config.training.stage == "pt":
+            text = conversation.messages[-1].content
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return {"input_ids": ids, "labels": ids, "truncated": False, "error": ""}
+        turns = template.encode(tokenizer, conversation, enable_thinking=d.enable_thinking)
+        sample = supervised_sample(turns, d.cutoff_len, d.train_on_prompt, d.mask_history)
+        if sample is None:
+            raise DataError(f"{source}: nothing left to learn after truncation to cutoff_len={d.cutoff_len}")
+        return {"input_ids": sample.input_ids, "labels": sample.labels, "truncated": sample.truncated, "error": ""}
+    except DataError as err:
+        return {"input_ids": [], "labels": [], "truncated": False, "error": str(err)}
+
+
+def encode_dataset(spec, rows, template, tokenizer, config: Config):
+    workers = config.data.preprocessing_num_workers
+    fn = partial(
+        _encode_row,
+        spec=spec,
+        template=template,
+        tokenizer=tokenizer,
+        config=config,
+        file_label=f"file {spec.file_name}",
+    )
+    return rows.map(
+        fn,
+        with_indices=True,
+        num_proc=workers if workers and workers > 1 else None,
+        remove_columns=rows.column_names,
+        desc=f"Encoding {spec.name}",
+    )
+
+
+def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
+    """The encoded, mixed datasets.Dataset (errors checked), from cache when tokenized_path has it."""
+    import datasets
+
+    from megatune.data.registry import DataError, load_rows, mix_datasets, resolve_datasets
+    from megatune.data.templates import get_template
+
+    d = config.data
+    if d.tokenized_path and os.path.isdir(d.tokenized_path) and not d.overwrite_cache:
+        return datasets.load_from_disk(d.tokenized_path), 0
+    names = dataset_names or d.dataset
+    if not names:
+        raise DataError("no dataset given: set `dataset:` in the YAML or pass --dataset NAME")
+    template = get_template(d.template or "auto")
+    parts = []
+    for spec in resolve_datasets(names, d.dataset_dir):
+        rows = load_rows(spec, d.dataset_dir)
+        if d.max_samples is not None:
+            rows = rows.select(range(min(d.max_samples, len(rows))))
+        parts.append(encode_dataset(spec, rows, template, tokenizer, config))
+    probs = [float(p) for p in d.interleave_probs.split(",")] if d.interleave_probs else None
+    encoded = mix_datasets(parts, d.mix_strategy, probs, config.training.seed)
+    errors = [e for e in encoded["error"] if e]
+    if errors and not d.skip_invalid:
+        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+        raise DataError(f"{errors[0]}{more}; fix the data or set skip_invalid: true to drop bad rows")
+    encoded = encoded.filter(lambda e: not e, input_columns="error")
+    if d.tokenized_path:
+        encoded.save_to_disk(d.tokenized_path)
+    return encoded, len(errors)
+
+
+def build_samples(config: Config, tokenizer, dataset_names: str | None = None) -> tuple[list[Sample], DataStats]:
+    """Final training samples (chunked for pt, packed when asked) and their statistics."""
+    encoded, dropped = load_encoded(config, tokenizer, dataset_names)
+    d = config.data
+    if config.training.stage == "pt":
+        samples = pretrain_samples(encoded["input_ids"], tokenizer.eos_token_id, d.cutoff_len)
+    else:
+        samples = [
+            Sample(ids, labels, truncated=trunc)
+            for ids, labels, trunc in zip(encoded["input_ids"], encoded["labels"], encoded["truncated"])
+        ]
+    stats = DataStats(dropped=dropped, truncated=sum(s.truncated for s in samples))
+    if d.packing:
+        samples = pack_samples(samples, d.cutoff_len)
+        stats.packing_efficiency = sum(len(s.input_ids) for s in samples) / (len(samples) * d.cutoff_len)
+    stats.samples = len(samples)
+    stats.tokens = sum(len(s.input_ids) for s in samples)
+    stats.loss_tokens = sum(sum(1 for t in s.labels if t != IGNORE) for s in samples)
+    return samples, stats

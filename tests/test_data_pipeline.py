@@ -1,0 +1,106 @@
+"""The data pipeline end to end, through the `megatune data` command and the Python API."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatune.config import load_config
+from megatune.data.pipeline import build_samples
+from megatune.data.processors import IGNORE
+from megatune.data.registry import DataError
+from megatune.tiny_tokenizer import make_tiny_tokenizer
+from tests.conftest import REPO, SHARED, run_megatune
+
+LF_DATA = SHARED / "fixtures" / "lf_data"
+QWEN3_TEMPLATE = SHARED / "fixtures" / "chat_templates" / "qwen3.jinja"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    make_tiny_tokenizer(str(path), family="qwen")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def config_for(**overrides):
+    base = {"dataset": "megatune_identity,megatune_chat", "dataset_dir": str(REPO / "data"), "template": "qwen3", "cutoff_len": 256}
+    return load_config(None, {**base, **overrides})
+
+
+def test_data_command_writes_samples_and_summary(tokenizer_dir, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    result = run_megatune(
+        "data", "--model_name_or_path", tokenizer_dir, "--dataset", "megatune_identity,megatune_chat",
+        "--dataset_dir", str(REPO / "data"), "--template", "qwen3", "--packing", "true",
+        "--cutoff_len", "256", "--output", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert f"wrote {len(rows)} samples" in result.stdout
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("samples="))
+    assert "dropped=0" in summary and "packing_efficiency=" in summary
+    assert "⟦" in result.stdout  # preview marks learned spans when not on a terminal
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == sum(row["doc_lens"]) <= 256
+    assert sum(len(r["doc_lens"]) for r in rows) == 40  # 30 identity rows + 10 chats, none lost
+
+
+def test_sft_masks_prompts_and_learns_answers(tokenizer):
+    samples, stats = build_samples(config_for(dataset="megatune_identity"), tokenizer)
+    assert stats.samples == 30 and stats.dropped == 0
+    first = samples[0]
+    learned = tokenizer.decode([t for t, l in zip(first.input_ids, first.labels) if l != IGNORE])
+    masked = tokenizer.decode([t for t, l in zip(first.input_ids, first.labels) if l == IGNORE])
+    assert "<|im_start|>user" in masked and "<|im_start|>" not in learned
+    assert learned.endswith("<|im_end|>\n")
+
+
+def test_two_workers_give_the_same_samples(tokenizer):
+    one, _ = build_samples(config_for(preprocessing_num_workers=1), tokenizer)
+    two, _ = build_samples(config_for(preprocessing_num_workers=2), tokenizer)
+    assert [s.input_ids for s in one] == [s.input_ids for s in two]
+    assert [s.labels for s in one] == [s.labels for s in two]
+
+
+def test_tokenized_path_caches_and_reloads(tokenizer, tmp_path):
+    cache = str(tmp_path / "tok_cache")
+    first, _ = build_samples(config_for(tokenized_path=cache), tokenizer)
+    assert Path(cache).is_dir()
+    # A different dataset name is ignored: the cache is what gets used, as documented.
+    again, _ = build_samples(config_for(tokenized_path=cache, dataset="megatune_chat"), tokenizer)
+    assert [s.input_ids for s in again] == [s.input_ids for s in first]
+
+
+def test_bad_rows_fail_or_are_counted_with_skip_invalid(tokenizer, tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mixed": {"file_name": "mixed.json"}}))
+    rows = [{"instruction": "Hi", "output": "Hello"}, {"instruction": "Bye", "output": ""}, {"instruction": "Yo", "output": "Hey"}]
+    (tmp_path / "mixed.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"dataset 'mixed', file mixed.json, row 1: .*skip_invalid: true"):
+        build_samples(config_for(dataset="mixed", dataset_dir=str(tmp_path)), tokenizer)
+    samples, stats = build_samples(config_for(dataset="mixed", dataset_dir=str(tmp_path), skip_invalid=True), tokenizer)
+    assert (stats.samples, stats.dropped) == (2, 1)
+
+
+def test_pretrain_chunks_text_to_cutoff(tokenizer, tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"corpus": {"file_name": "c.jsonl", "columns": {"prompt": "text"}}}))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": f"Line number {i} of the corpus."}) for i in range(40)))
+    samples, _ = build_samples(config_for(dataset="corpus", dataset_dir=str(tmp_path), stage="pt", cutoff_len=32), tokenizer)
+    assert samples and all(len(s.input_ids) == 32 and s.labels == s.input_ids for s in samples)
+    eos = tokenizer.eos_token_id
+    assert sum(s.input_ids.count(eos) for s in samples) >= 30
+
+
+@pytest.mark.skipif(not LF_DATA.is_dir(), reason="../shared/fixtures absent")
+def test_llama_factory_demo_sets_run_through_the_pipeline(tokenizer):
+    for name in ("alpaca_en_demo", "identity", "glaive_toolcall_en_demo"):
+        samples, stats = build_samples(config_for(dataset=name, dataset_dir=str(LF_DATA), template="qwen", cutoff_len=1024), tokenizer)
+        assert stats.samples > 50 and stats.dropped == 0, name
+        assert all(any(l != IGNORE for l in s.labels) for s in samples), name
