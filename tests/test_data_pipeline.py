@@ -104,3 +104,15 @@ def test_llama_factory_demo_sets_run_through_the_pipeline(tokenizer):
         samples, stats = build_samples(config_for(dataset=name, dataset_dir=str(LF_DATA), template="qwen", cutoff_len=1024), tokenizer)
         assert stats.samples > 50 and stats.dropped == 0, name
         assert all(any(l != IGNORE for l in s.labels) for s in samples), name
+
+
+def test_validation_split_by_fraction_count_and_eval_dataset(tokenizer):
+    from megatune.data.pipeline import build_train_eval
+
+    train, evals, _ = build_train_eval(config_for(dataset="megatune_identity", val_size=0.2), tokenizer)
+    assert (len(train), len(evals)) == (24, 6)
+    assert not {tuple(s.input_ids) for s in train} & {tuple(s.input_ids) for s in evals}
+    train, evals, _ = build_train_eval(config_for(dataset="megatune_identity", val_size=5), tokenizer)
+    assert (len(train), len(evals)) == (25, 5)
+    train, evals, _ = build_train_eval(config_for(dataset="megatune_identity", eval_dataset="megatune_chat"), tokenizer)
+    assert (len(train), len(evals)) == (30, 10)

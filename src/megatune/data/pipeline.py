@@ -89,8 +89,9 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
     from megatune.data.templates import get_template
 
     d = config.data
-    if d.tokenized_path and os.path.isdir(d.tokenized_path) and not d.overwrite_cache:
-        return datasets.load_from_disk(d.tokenized_path), 0
+    cache = d.tokenized_path if dataset_names is None else None  # the cache holds the training set
+    if cache and os.path.isdir(cache) and not d.overwrite_cache:
+        return datasets.load_from_disk(cache), 0
     names = dataset_names or d.dataset
     if not names:
         raise DataError("no dataset given: set `dataset:` in the YAML or pass --dataset NAME")
@@ -108,14 +109,12 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
         more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
         raise DataError(f"{errors[0]}{more}; fix the data or set skip_invalid: true to drop bad rows")
     encoded = encoded.filter(lambda e: not e, input_columns="error")
-    if d.tokenized_path:
-        encoded.save_to_disk(d.tokenized_path)
+    if cache:
+        encoded.save_to_disk(cache)
     return encoded, len(errors)
 
 
-def build_samples(config: Config, tokenizer, dataset_names: str | None = None) -> tuple[list[Sample], DataStats]:
-    """Final training samples (chunked for pt, packed when asked) and their statistics."""
-    encoded, dropped = load_encoded(config, tokenizer, dataset_names)
+def _to_samples(encoded, config: Config, tokenizer, dropped: int = 0) -> tuple[list[Sample], DataStats]:
     d = config.data
     if config.training.stage == "pt":
         samples = pretrain_samples(encoded["input_ids"], tokenizer.eos_token_id, d.cutoff_len)
@@ -125,10 +124,31 @@ def build_samples(config: Config, tokenizer, dataset_names: str | None = None) -
             for ids, labels, trunc in zip(encoded["input_ids"], encoded["labels"], encoded["truncated"])
         ]
     stats = DataStats(dropped=dropped, truncated=sum(s.truncated for s in samples))
-    if d.packing:
+    if d.packing and samples:
         samples = pack_samples(samples, d.cutoff_len)
         stats.packing_efficiency = sum(len(s.input_ids) for s in samples) / (len(samples) * d.cutoff_len)
     stats.samples = len(samples)
     stats.tokens = sum(len(s.input_ids) for s in samples)
     stats.loss_tokens = sum(sum(1 for t in s.labels if t != IGNORE) for s in samples)
     return samples, stats
+
+
+def build_samples(config: Config, tokenizer, dataset_names: str | None = None) -> tuple[list[Sample], DataStats]:
+    """All samples of the training datasets (chunked for pt, packed when asked), no split."""
+    encoded, dropped = load_encoded(config, tokenizer, dataset_names)
+    return _to_samples(encoded, config, tokenizer, dropped)
+
+
+def build_train_eval(config: Config, tokenizer) -> tuple[list[Sample], list[Sample], DataStats]:
+    """Training samples and validation samples: `eval_dataset` if given, else `val_size` split
+    off the (encoded, mixed) training data with the run's seed."""
+    from megatune.data.registry import split_validation
+
+    encoded, dropped = load_encoded(config, tokenizer)
+    if config.data.eval_dataset:
+        train_rows, eval_rows = encoded, load_encoded(config, tokenizer, config.data.eval_dataset)[0]
+    else:
+        train_rows, eval_rows = split_validation(encoded, config.data.val_size, config.training.seed)
+    train, stats = _to_samples(train_rows, config, tokenizer, dropped)
+    evals = _to_samples(eval_rows, config, tokenizer)[0] if eval_rows is not None else []
+    return train, evals, stats
