@@ -136,3 +136,12 @@ def test_env_reports_versions_and_backend():
     assert "megatron-core: 0." in out
     expected = "layer backend: te" if torch.cuda.is_available() and "transformer-engine: not" not in out else "layer backend: torch"
     assert expected in out and "attention: " in out
+
+
+def test_unsupported_variant_of_a_family_is_refused(tmp_path):
+    hf = {"model_type": "llama", "num_attention_heads": 4, "attention_bias": True, "rope_parameters": {"rope_type": "yarn"}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    result = run_megatune("verify", "--model_name_or_path", str(tmp_path))
+    assert result.returncode == 2
+    assert "rope type 'yarn' is not supported yet" in result.stderr
+    assert "llama with attention_bias: true (bias on o_proj too) is not supported" in result.stderr

@@ -366,13 +366,8 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
     if problems:
         raise ConfigError(problems)
 
-    tp, pp, cp, ep = (
-        p.tensor_model_parallel_size,
-        p.pipeline_model_parallel_size,
-        p.context_parallel_size,
-        p.expert_model_parallel_size,
-    )
-    etp = p.expert_tensor_parallel_size or tp
+    layout = derive_layout(config, world_size)
+    tp, pp, cp, ep, etp = layout.tp, layout.pp, layout.cp, layout.ep, layout.etp
     if world_size % (tp * pp * cp):
         problems.append(
             f"world size {world_size} is not divisible by tensor_model_parallel_size x "
@@ -399,7 +394,7 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
         problems += _model_problems(config, hf_config)
     if problems:
         raise ConfigError(problems)
-    return derive_layout(config, world_size)
+    return layout
 
 
 def _model_problems(config: Config, hf: dict) -> list[str]:

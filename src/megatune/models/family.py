@@ -93,6 +93,12 @@ def check_no_mlp_bias(hf: dict) -> str | None:
     return None
 
 
+def check_no_attention_bias(hf: dict) -> str | None:
+    if hf.get("attention_bias"):
+        return f"{hf.get('model_type')} with attention_bias: true (bias on o_proj too) is not supported"
+    return None
+
+
 def dense_transformer_kwargs(hf: dict, family: Family) -> dict:
     """Every HF config field that changes numerics, as Megatron TransformerConfig kwargs."""
     return dict(
