@@ -11,7 +11,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatune.models.build import ModelBundle, param_dtype
+from megatune.models.build import ModelBundle
 from megatune.models.weights import export_hf, load_hf_weights
 
 # Default bounds on max |logit difference|; bf16 keeps 8 bits of mantissa, so two correct
