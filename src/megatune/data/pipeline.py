@@ -152,3 +152,14 @@ def build_train_eval(config: Config, tokenizer) -> tuple[list[Sample], list[Samp
     train, stats = _to_samples(train_rows, config, tokenizer, dropped)
     evals = _to_samples(eval_rows, config, tokenizer)[0] if eval_rows is not None else []
     return train, evals, stats
+
+
+def build_train_source(config: Config, tokenizer, global_batch_size: int):
+    """What the trainer consumes: (a SampleSource over the training data, eval samples, stats)."""
+    from megatune.data.registry import DataError
+    from megatune.data.source import MapSource
+
+    if config.data.streaming:
+        raise DataError("streaming: true is not supported by `megatune train` yet")
+    train, evals, stats = build_train_eval(config, tokenizer)
+    return MapSource(train, global_batch_size, config.training.seed), evals, stats
