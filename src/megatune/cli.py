@@ -1,4 +1,4 @@
-"""Command line: `megatune env | verify | tiny-model`.
+"""Command line: `megatune train | export | verify | data | env | tiny-model`.
 
 Distributed commands take an optional YAML file and `--key value` overrides. With
 `--nproc_per_node N` (N > 1) and no external launcher, megatune re-runs itself in N processes.
@@ -15,6 +15,10 @@ from megatune.config import ConfigError, load_config, parse_overrides, read_hf_c
 USAGE = """usage: megatune <command> [CONFIG.yaml] [--key value ...]
 
 commands:
+  train        fine-tune (stage: sft or pt) from a LLaMA-Factory-style YAML; checkpoints into
+               output_dir/checkpoint-N, a Hugging Face checkpoint into output_dir at the end
+  export       convert a training checkpoint to a Hugging Face checkpoint:
+               megatune export --checkpoint_path DIR --output_path DIR [--dtype bfloat16|float16|float32]
   env          print versions, devices and the kernels megatune will use
   verify       load an HF checkpoint into Megatron with the given layout and compare its
                logits with transformers' (prints max_abs_diff / mean_abs_diff; exit 1 if above
@@ -22,7 +26,8 @@ commands:
                loaded model back to HF format there)
   data         run the data pipeline with only the tokenizer and write the processed samples:
                megatune data CONFIG.yaml --output FILE.jsonl [--max_samples N]
-  tiny-model   write a tiny random-weight HF model: --model_type llama|qwen2|qwen3 --output_dir DIR
+  tiny-model   write a tiny random-weight HF model with an offline tokenizer:
+               --model_type llama|qwen2|qwen3 --output_dir DIR
 """
 
 # Options that belong to one command rather than to the run configuration.
@@ -54,7 +59,10 @@ def _quiet_known_warnings() -> None:
     import warnings
 
     for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-                    ".*full scope is deprecated.*", ".*all_gather_into_tensor. is deprecated.*"):
+                    ".*full scope is deprecated.*", ".*all_gather_into_tensor. is deprecated.*",
+                    ".*reduce_scatter_tensor. is deprecated.*",
+                    # Megatron's optimizer probes `.grad` on its fp32 main-param views
+                    ".*The .grad attribute of a Tensor that is not a leaf Tensor.*"):
         warnings.filterwarnings("ignore", message=pattern)
     import torch
 
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "tiny-model":
             return _tiny_model(rest)
-        if command == "verify":
+        if command in ("verify", "train"):
             return _distributed(command, rest, argv)
         if command == "data":
             return _data(rest)
@@ -133,7 +141,8 @@ def _tiny_model(rest: list[str]) -> int:
     args = parser.parse_args(rest)
     from megatune.tiny import make_tiny_model
 
-    make_tiny_model(args.model_type, args.output_dir, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings == "true")
+    make_tiny_model(args.model_type, args.output_dir, seed=args.seed, with_tokenizer=True,
+                    tie_word_embeddings=args.tie_word_embeddings == "true")
     print(f"wrote a tiny {args.model_type} model to {args.output_dir}")
     return 0
 
@@ -165,6 +174,8 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
 def _run_worker(command, config, layout, extras) -> int:
     from megatune.distributed import init_distributed, is_rank0, shutdown
     from megatune.models.family import UnsupportedModelError
+    from megatune.data.registry import DataError
+    from megatune.engine.checkpoint import ResumeError
     from megatune.models.hf_io import CheckpointError
 
     init_distributed(layout, config.training.seed, config.training.ddp_timeout)
@@ -173,8 +184,14 @@ def _run_worker(command, config, layout, extras) -> int:
             print(f"megatune: {layout.describe()}", flush=True)
         if command == "verify":
             return _verify(config, extras)
+        if command == "train":
+            from megatune.engine.trainer import train
+
+            return train(config, layout)
         raise AssertionError(command)
-    except (UnsupportedModelError, CheckpointError, ValueError) as err:
+    except ConfigError as err:
+        return _error(err.problems)
+    except (UnsupportedModelError, CheckpointError, ValueError, DataError, ResumeError) as err:
         return _error([str(err)])
     finally:
         shutdown()

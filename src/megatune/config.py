@@ -91,6 +91,7 @@ class TrainingSection:
     resume_from_checkpoint: Optional[str] = None
     report_to: str = "none"
     plot_loss: bool = False
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss/grad
     ddp_timeout: int = 1800
 
 

@@ -18,11 +18,14 @@ TINY_SHAPE = dict(
 )
 
 
-def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, **overrides) -> str:
-    """Save a randomly initialised `model_type` causal LM (fp32 safetensors) into out_dir."""
+def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, with_tokenizer: bool = False, **overrides) -> str:
+    """Save a randomly initialised `model_type` causal LM (fp32 safetensors) into out_dir;
+    `with_tokenizer` adds the offline tokenizer (and widens the vocabulary to hold it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {**TINY_SHAPE, **overrides}
+    from megatune.tiny_tokenizer import VOCAB_SIZE, make_tiny_tokenizer
+
+    kwargs = {**TINY_SHAPE, **({"vocab_size": VOCAB_SIZE} if with_tokenizer else {}), **overrides}
     if model_type == "qwen3":
         kwargs.setdefault("head_dim", 32)  # explicit head_dim != hidden/heads, as in real Qwen3
     config = AutoConfig.for_model(model_type, **kwargs)
@@ -36,4 +39,6 @@ def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, **overrides) -
             elif name.endswith("bias"):
                 param.normal_(0, 0.1)
     model.save_pretrained(out_dir)
+    if with_tokenizer:
+        make_tiny_tokenizer(out_dir, family="llama3" if model_type == "llama" else "qwen")
     return out_dir

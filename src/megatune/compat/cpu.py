@@ -129,18 +129,51 @@ def _cpu_torch(_original):
     return _CpuTorch()
 
 
-def _with_tensor_cuda_as_identity(original):
-    """Run `original` with Tensor.cuda() returning the tensor itself, then restore it."""
+def _with_tensor_method(name: str, make_method: Callable[[Any], Any]):
+    """Patch factory: run the original with `torch.Tensor.<name>` replaced for the duration of
+    the call only (Megatron calls a Tensor method we cannot reach through a module attribute)."""
 
-    def wrapper(*args, **kwargs):
-        saved = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self
-        try:
-            return original(*args, **kwargs)
-        finally:
-            torch.Tensor.cuda = saved
+    def make(original):
+        def wrapper(*args, **kwargs):
+            saved = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, make_method(saved))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                setattr(torch.Tensor, name, saved)
 
-    return wrapper
+        return wrapper
+
+    return make
+
+
+_with_tensor_cuda_as_identity = _with_tensor_method("cuda", lambda saved: lambda self, *a, **k: self)
+
+
+def _cuda_type_name(saved):
+    """Tensor.type() without arguments names the CUDA type ('torch.cuda.FloatTensor')."""
+
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return saved(self, *args, **kwargs)
+        return saved(self).replace("torch.", "torch.cuda.", 1)
+
+    return type_
+
+
+_with_cuda_type_names = _with_tensor_method("type", _cuda_type_name)
+
+
+def _cpu_l2_norm(original):
+    """Megatron's local multi-tensor L2 norm (used without apex/TE) returns its result on
+    device='cuda'; the same sum-of-squares norm, on the CPU."""
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = [torch.linalg.vector_norm(t.float()) for tensors in tensor_lists for t in tensors]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        return total.reshape(1), None
+
+    return l2_norm
 
 
 PATCHES: list[Patch] = [
@@ -177,6 +210,63 @@ PATCHES: list[Patch] = [
         "model_parallel_cuda_manual_seed and CudaRNGStatesTracker.add seed and read the CUDA RNG; "
         "on CPU the tracker keeps CPU generator states (embedding dropout under sequence "
         "parallelism forks the tracker).",
+    ),
+    Patch(
+        "megatron.core.optimizer.optimizer",
+        "torch",
+        _cpu_torch,
+        "MixedPrecisionOptimizer.__init__ allocates found_inf / overflow buffers with device='cuda'.",
+    ),
+    Patch(
+        "megatron.core.optimizer.clip_grads",
+        "torch",
+        _cpu_torch,
+        "get_grad_norm_fp32 and clip_grad_by_total_norm_fp32 allocate buffers with device='cuda'.",
+    ),
+    Patch(
+        "megatron.core.optimizer.clip_grads",
+        "l2_norm_impl",
+        _cpu_l2_norm,
+        "get_grad_norm_fp32 calls megatron.core.utils.local_multi_tensor_l2_norm, which puts "
+        "the norm on device='cuda'.",
+    ),
+    Patch(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+        "__init__",
+        _with_cuda_type_names,
+        "DistributedOptimizer.__init__ (and _build_model_and_main_param_groups) pick fp32 main "
+        "params by `param.type() in ['torch.cuda.HalfTensor', ...]` and raise on anything else.",
+    ),
+    Patch(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
+        "get_parameter_state_dp_zero",
+        _with_tensor_cuda_as_identity,
+        "saving the distributed optimizer in the reshardable format gathers its shards after "
+        "`send_tensor.cuda()`.",
+    ),
+    Patch(
+        "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params",
+        "__init__",
+        _with_cuda_type_names,
+        "Float16OptimizerWithFloat16Params.__init__ sorts params by `param.type()` CUDA names.",
+    ),
+    Patch(
+        "megatron.core.optimizer.optimizer",
+        "clip_grad_by_total_norm_fp32",
+        _with_cuda_type_names,
+        "clip_grad_by_total_norm_fp32 asserts `param.grad.type() == 'torch.cuda.FloatTensor'`.",
+    ),
+    Patch(
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+        "torch",
+        _cpu_torch,
+        "dist_checkpointing's file writer calls torch.cuda.synchronize() before copying tensors out.",
+    ),
+    Patch(
+        "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+        "torch",
+        _cpu_torch,
+        "save_state_dict_async_finalize shares write failures in a tensor on device='cuda'.",
     ),
     Patch(
         "megatron.core.tensor_parallel.random",

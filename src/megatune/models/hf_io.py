@@ -121,12 +121,14 @@ def finalize_shards(out_dir: Path, files: list[tuple[str, list[str], int]]) -> N
     (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
 
 
-def write_side_files(src_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
-    """config.json with the exported dtype, plus generation config and tokenizer files."""
+def write_side_files(src_dir: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
+    """config.json (with the exported dtype, unless None), generation config and tokenizer files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((src_dir / "config.json").read_text())
-    dtype_name = str(dtype).removeprefix("torch.")
-    for key in ("torch_dtype", "dtype"):
-        config[key] = dtype_name
+    if dtype is not None:
+        dtype_name = str(dtype).removeprefix("torch.")
+        for key in ("torch_dtype", "dtype"):
+            config[key] = dtype_name
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for name in SIDE_FILES:
         if (src_dir / name).is_file():

@@ -1,0 +1,156 @@
+"""Training metrics: model FLOPs, throughput, memory, and where the numbers go (console,
+`trainer_log.jsonl`, TensorBoard, a loss plot).
+
+Model FLOPs per step (what "model TFLOP/s" counts, the same convention as DESIGN.md §4):
+  6 x (matmul parameters) x (real tokens)  +  6 x (q heads x head_dim) x sum(doc_len^2) x layers
+The first term is forward (2) plus backward (4) for every linear layer including the output
+layer (embedding lookups are free); the second is causal attention's two matmuls
+(QK^T and AV: 2 x 2 x s^2/2 each way forward, x3 for backward). Padding is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_params(hf: dict) -> int:
+    """Parameters that take part in a matmul per token (dense models)."""
+    h = hf["hidden_size"]
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    d = hf.get("head_dim") or h // heads
+    ffn = hf["intermediate_size"]
+    per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * ffn
+    return per_layer * hf["num_hidden_layers"] + h * hf["vocab_size"]
+
+
+def step_flops(hf: dict, doc_lens: list[int]) -> float:
+    """Model FLOPs of one training step over documents of the given lengths (fwd + bwd)."""
+    heads = hf["num_attention_heads"]
+    d = hf.get("head_dim") or hf["hidden_size"] // heads
+    tokens = sum(doc_lens)
+    attention = 6 * heads * d * sum(n * n for n in doc_lens) * hf["num_hidden_layers"]
+    return 6.0 * matmul_params(hf) * tokens + attention
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by torch on this device; on CPU, the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 1024**2 if sys.platform != "darwin" else rss_kb / 1024**3
+
+
+class MetricsLog:
+    """Rank 0's sink for metric rows: jsonl file (appended; resumed runs continue it),
+    optional TensorBoard, and the loss history for the plot."""
+
+    def __init__(self, output_dir: str, report_to: str, resume_step: int):
+        self.path = Path(output_dir) / "trainer_log.jsonl"
+        self._drop_rows_after(resume_step)
+        self.tensorboard = None
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("megatune: report_to: tensorboard needs the tensorboard package "
+                      "(pip install tensorboard); logging to trainer_log.jsonl only", file=sys.stderr)
+            else:
+                self.tensorboard = SummaryWriter(str(Path(output_dir) / "runs"))
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A resumed run rewrites history from its checkpoint on, so rows are never duplicated."""
+        if not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        self.path.write_text("".join(r + "\n" for r in kept))
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.tensorboard.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, row["step"])
+            self.tensorboard.flush()
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def format_row(row: dict) -> str:
+    parts = [f"step {row['step']}/{row['total_steps']}"]
+    for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
+                     ("tokens_per_s", ".0f"), ("tflops_per_gpu", ".3g"), ("peak_mem_gb", ".2f")):
+        value = row.get(key)
+        if value is not None:
+            parts.append(f"{key} {value:{fmt}}")
+    if row.get("skipped_steps"):
+        parts.append(f"skipped_steps {row['skipped_steps']}")
+    return " | ".join(parts)
+
+
+def plot_loss(rows: list[dict], out_path: Path) -> str | None:
+    """Write a training (and eval) loss curve PNG; returns a message when it cannot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot_loss: true needs matplotlib (pip install matplotlib); no plot written"
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+class Throughput:
+    """Tokens/s and model TFLOP/s per GPU over the steps since the last report."""
+
+    def __init__(self, hf: dict, world_size: int):
+        self.hf, self.world = hf, world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.flops = 0.0
+
+    def add(self, doc_lens: list[int]) -> None:
+        self.tokens += sum(doc_lens)
+        self.flops += step_flops(self.hf, doc_lens)
+
+    def report(self) -> dict:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        out = {
+            "tokens_per_s": self.tokens / seconds,
+            "tflops_per_gpu": self.flops / seconds / self.world / 1e12,
+        }
+        self.reset()
+        return out

@@ -1,0 +1,119 @@
+"""Megatron's data-parallel wrapper, distributed optimizer and LR schedule, configured from YAML keys.
+
+Loss normalisation: we run Megatron in per-token-loss mode (`calculate_per_token_loss`): every
+micro-batch returns its summed token loss and token count, DDP sums gradients instead of
+averaging them, and `finalize_model_grads` divides by the step's total token count over all
+micro-batches and data-parallel ranks. The gradient is therefore that of the global token mean,
+which is what the Hugging Face trainer computes, independent of how tokens fall into
+micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from megatune.config import Config, ConfigError
+
+# HF scheduler name -> Megatron decay style.
+DECAY_STYLE = {
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+    "linear": "linear",
+    "cosine": "cosine",
+}
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], tc: TransformerConfig, config: Config) -> list[DistributedDataParallel]:
+    """Wrap each model chunk in Megatron DDP; gradients are reduced in fp32 under bf16/fp16."""
+    p = config.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather and p.use_distributed_optimizer,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        bucket_size=p.ddp_bucket_size,
+        average_in_collective=False,
+    )
+    tc.calculate_per_token_loss = True
+    return [
+        DistributedDataParallel(config=tc, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(model: list[DistributedDataParallel], tc: TransformerConfig, config: Config):
+    """Adam(W) through `get_megatron_optimizer`; wires the schedule hooks Megatron's loop expects."""
+    t, p = config.training, config.parallel
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.learning_rate,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_epsilon,
+        clip_grad=t.max_grad_norm,
+        bf16=tc.bf16,
+        fp16=tc.fp16,
+        params_dtype=tc.params_dtype,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        overlap_param_gather=p.overlap_param_gather and p.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model)
+    tc.grad_scale_func = optimizer.scale_loss
+    tc.finalize_model_grads_func = finalize_model_grads
+    if p.overlap_grad_reduce:
+        syncs = [chunk.no_sync for chunk in model]
+        tc.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
+    return optimizer
+
+
+def warmup_steps(config: Config, total_steps: int) -> int:
+    t = config.training
+    if t.lr_scheduler_type == "constant":
+        return 0  # as in transformers: "constant" has no warmup (use constant_with_warmup)
+    return t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * total_steps + 0.999999)
+
+
+def schedule_problems(config: Config, total_steps: int) -> list[str]:
+    t = config.training
+    problems = []
+    warm = warmup_steps(config, total_steps)
+    if warm >= total_steps and t.lr_scheduler_type != "constant":
+        problems.append(f"warmup ({warm} steps) must be shorter than training ({total_steps} steps)")
+    if t.min_lr > t.learning_rate:
+        problems.append(f"min_lr={t.min_lr} is above learning_rate={t.learning_rate}")
+    if t.min_lr < 0 or t.learning_rate < 0:
+        problems.append("learning_rate and min_lr must not be negative")
+    return problems
+
+
+def build_scheduler(optimizer, config: Config, total_steps: int) -> OptimizerParamScheduler:
+    """The HF-named schedules on Megatron's scheduler, stepped once per optimizer step.
+
+    lr(step) equals transformers' `get_scheduler` for the same name, warmup and total steps
+    (linear and cosine decay to `min_lr`, 0 by default).
+    """
+    problems = schedule_problems(config, total_steps)
+    if problems:
+        raise ConfigError(problems)
+    t = config.training
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.learning_rate,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup_steps(config, total_steps),
+        lr_decay_steps=max(total_steps, 1),
+        lr_decay_style=DECAY_STYLE[t.lr_scheduler_type],
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
