@@ -31,7 +31,11 @@ commands:
 """
 
 # Options that belong to one command rather than to the run configuration.
-COMMAND_OPTIONS = {"verify": {"tolerance": float, "export_path": str}, "data": {"output": str}}
+COMMAND_OPTIONS = {
+    "verify": {"tolerance": float, "export_path": str},
+    "data": {"output": str},
+    "export": {"checkpoint_path": str, "output_path": str, "dtype": str},
+}
 
 
 def _error(lines: list[str]) -> int:
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "tiny-model":
             return _tiny_model(rest)
-        if command in ("verify", "train"):
+        if command in ("verify", "train", "export"):
             return _distributed(command, rest, argv)
         if command == "data":
             return _data(rest)
@@ -153,7 +157,10 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
     yaml_path = rest[0] if rest and not rest[0].startswith("--") else None
     overrides = parse_overrides(rest[1:] if yaml_path else rest)
     extras = _split_command_options(command, overrides)
-    config = load_config(yaml_path, overrides)
+    if command == "export":
+        config = _export_config(yaml_path, extras, overrides)
+    else:
+        config = load_config(yaml_path, overrides)
     if config.model.model_name_or_path is None:
         raise ConfigError(["model_name_or_path is required (YAML key or --model_name_or_path DIR)"])
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else config.parallel.nproc_per_node
@@ -169,6 +176,20 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
     if not under_launcher() and world > 1:
         return launch_workers(world, argv)
     return _run_worker(command, config, layout, extras)
+
+
+def _export_config(yaml_path, extras: dict, overrides: dict):
+    from megatune.export import export_config, parse_dtype
+
+    missing = [f"--{key}" for key in ("checkpoint_path", "output_path") if key not in extras]
+    if yaml_path or missing:
+        raise ConfigError([
+            "usage: megatune export --checkpoint_path DIR --output_path DIR [--dtype bfloat16|float16|float32] "
+            "[--nproc_per_node N --tensor_model_parallel_size T --pipeline_model_parallel_size P]"
+            + (f" (missing {', '.join(missing)})" if missing else "")
+        ])
+    parse_dtype(extras.get("dtype"))  # reject a bad dtype before any process starts
+    return export_config(extras["checkpoint_path"], overrides)
 
 
 def _run_worker(command, config, layout, extras) -> int:
@@ -188,6 +209,13 @@ def _run_worker(command, config, layout, extras) -> int:
             from megatune.engine.trainer import train
 
             return train(config, layout)
+        if command == "export":
+            from megatune.export import parse_dtype, run_export
+
+            out = run_export(config, extras["checkpoint_path"], extras["output_path"], parse_dtype(extras.get("dtype")))
+            if is_rank0():
+                print(f"megatune: exported {extras['checkpoint_path']} to {out}", flush=True)
+            return 0
         raise AssertionError(command)
     except ConfigError as err:
         return _error(err.problems)

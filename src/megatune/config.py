@@ -185,7 +185,7 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(args) < len(typing.get_args(hint))
         hint = args[0]
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none", "")):
         if optional:
             return None
         raise ValueError("must not be empty")
