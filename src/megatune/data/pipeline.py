@@ -155,11 +155,14 @@ def build_train_eval(config: Config, tokenizer) -> tuple[list[Sample], list[Samp
 
 
 def build_train_source(config: Config, tokenizer, global_batch_size: int):
-    """What the trainer consumes: (a SampleSource over the training data, eval samples, stats)."""
-    from megatune.data.registry import DataError
+    """What the trainer consumes: (a SampleSource over the training data, eval samples, stats).
+    With `streaming: true` the source reads and encodes lazily (data larger than memory) and
+    the stats cover what has been read so far; see data/streaming.py."""
     from megatune.data.source import MapSource
 
     if config.data.streaming:
-        raise DataError("streaming: true is not supported by `megatune train` yet")
+        from megatune.data.streaming import build_stream_source
+
+        return build_stream_source(config, tokenizer, global_batch_size)
     train, evals, stats = build_train_eval(config, tokenizer)
     return MapSource(train, global_batch_size, config.training.seed), evals, stats
