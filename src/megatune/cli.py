@@ -197,6 +197,7 @@ def _run_worker(command, config, layout, extras) -> int:
     from megatune.models.family import UnsupportedModelError
     from megatune.data.registry import DataError
     from megatune.engine.checkpoint import ResumeError
+    from megatune.engine.trainer import TrainingError
     from megatune.models.hf_io import CheckpointError
 
     init_distributed(layout, config.training.seed, config.training.ddp_timeout)
@@ -219,6 +220,9 @@ def _run_worker(command, config, layout, extras) -> int:
         raise AssertionError(command)
     except ConfigError as err:
         return _error(err.problems)
+    except TrainingError as err:
+        _error([str(err)])
+        return 1
     except (UnsupportedModelError, CheckpointError, ValueError, DataError, ResumeError) as err:
         return _error([str(err)])
     finally:

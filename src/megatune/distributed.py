@@ -12,6 +12,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatune.compat.cpu import enable_cpu_compat
+from megatune.compat.fixes import enable_megatron_fixes
 from megatune.config import Layout
 
 
@@ -42,6 +43,7 @@ def device() -> torch.device:
 def init_distributed(layout: Layout, seed: int, timeout_s: int = 1800) -> None:
     """Join (or create, when run alone) the process group and build Megatron's parallel groups."""
     enable_cpu_compat()
+    enable_megatron_fixes()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():

@@ -10,21 +10,13 @@ from well over a hundred sites in dozens of modules.
 from __future__ import annotations
 
 import contextlib
-import importlib
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-_APPLIED: list["Patch"] = []
+from megatune.compat.patching import Patch, apply_patches
 
-
-@dataclass(frozen=True)
-class Patch:
-    module: str  # dotted module path whose attribute is replaced
-    attr: str
-    make: Callable[[Any], Any]  # original -> replacement
-    why: str
+_APPLIED: list[Patch] = []
 
 
 def _cpu_device() -> torch.device:
@@ -287,22 +279,8 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _resolve(path: str):
-    """'pkg.module' or 'pkg.module:Class' -> the object whose attribute is patched."""
-    module_path, _, cls = path.partition(":")
-    target = importlib.import_module(module_path)
-    return getattr(target, cls) if cls else target
-
-
 def enable_cpu_compat() -> list[Patch]:
     """Apply every patch once; return the list applied (empty when CUDA is present)."""
     if cuda_available():
         return []
-    for patch in PATCHES:
-        if patch in _APPLIED:
-            continue
-        target = _resolve(patch.module)
-        original = getattr(target, patch.attr)
-        setattr(target, patch.attr, patch.make(original))
-        _APPLIED.append(patch)
-    return list(_APPLIED)
+    return apply_patches(PATCHES, _APPLIED)

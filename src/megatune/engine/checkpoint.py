@@ -124,6 +124,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _use_in_process_results_queue() -> None:
+    """Megatron's checkpoint writer reports results through a `multiprocessing.Manager` queue,
+    which starts a *spawned* server process that outlives a crashed trainer (and re-imports the
+    launching script). We save synchronously, so results never cross a process boundary: a plain
+    in-process queue does the same job without the extra process."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(
     output_dir: str,
     step: int,
@@ -144,6 +157,7 @@ def save_checkpoint(
             shutil.rmtree(stale)  # a save that crashed earlier
         tmp.mkdir(parents=True)
     dist.barrier()
+    _use_in_process_results_queue()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank()}.pt")
@@ -182,10 +196,21 @@ def _rotate(root: Path, limit: int | None, keep: int) -> None:
         shutil.rmtree(root / f"checkpoint-{s}")
 
 
+def _allocate_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state yet, and Megatron's loading path (its
+    `state_dict()`) asserts there is one. Allocate it with Megatron's own dummy step (zero
+    gradients); every value is overwritten by the checkpoint right after."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(path: Path, chunks, optimizer, scheduler) -> dict:
     """Collective. Loads model (+ optimizer, scheduler, RNG when given) and returns the saved
     trainer state (step, data position, counters)."""
     state = json.loads((path / STATE_FILE).read_text())
+    if optimizer is not None:
+        _allocate_optimizer_state(optimizer)
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(path))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)

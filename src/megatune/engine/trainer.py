@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import sys
@@ -26,8 +27,12 @@ from megatune.data.processors import IGNORE, Sample
 from megatune.data.source import rank_share
 from megatune.engine import checkpoint as ckpt
 from megatune.engine.metrics import MetricsLog, Throughput, format_row, peak_memory_gb, plot_loss
-from megatune.engine.optim import build_optimizer, build_scheduler, wrap_ddp
+from megatune.engine.optim import build_optimizer, build_scheduler, schedule_problems, wrap_ddp
 from megatune.engine.step import evaluate, micro_batches, train_step
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss keeps being non-finite); the message says why."""
 
 
 @dataclass
@@ -42,6 +47,9 @@ class StopFlag:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: stop now, without saving
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.signum = signum
 
     def restore(self) -> None:
@@ -159,6 +167,8 @@ def train(config: Config, layout: Layout) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     source, evals, stats = _build_data(config, tokenizer, layout)
     steps = total_steps(config, source.steps_per_epoch)
+    if schedule_problems(config, steps):
+        raise ConfigError(schedule_problems(config, steps))
     _say(f"data: {stats.line()}; {source.steps_per_epoch or 'unknown'} steps per epoch, training {steps} steps")
 
     bundle = build_model(config, model_dir)
@@ -227,7 +237,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
             _say(f"step {state.step}: loss {result.loss} or gradients not finite; update skipped "
                  f"({nonfinite_in_row} in a row)")
             if nonfinite_in_row >= t.max_nonfinite_steps:
-                raise RuntimeError(
+                raise TrainingError(
                     f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step "
                     f"{state.step}); stopping. Lower learning_rate, check the data, or raise max_nonfinite_steps"
                 )

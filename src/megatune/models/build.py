@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from transformers import AutoConfig, PretrainedConfig
@@ -101,11 +102,32 @@ def build_model(config: Config, model_dir: str) -> ModelBundle:
             vp_stage=stage,
         )
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+        mark_tensor_parallel_weights(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     shapes = Shapes(tc.num_attention_heads, tc.num_query_groups, head_dim(hf))
     return ModelBundle(chunks, family, hf_config, hf, shapes, tc)
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Tag TP-sharded weights the way Megatron's initialisers would have.
+
+    Megatron-core (0.16) sets `tensor_model_parallel`/`partition_dim` on a parallel layer's
+    weight only inside its random initialiser, which `perform_initialization=False` skips (our
+    weights come from the checkpoint). Untagged, every TP rank but the first counts as a
+    duplicate in the gradient norm, so the norm, and with it gradient clipping, is wrong.
+    """
+    for module in model.modules():
+        if isinstance(module, (tensor_parallel.ColumnParallelLinear, tensor_parallel.VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, tensor_parallel.RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def hf_inv_freq(family: Family, hf_config: PretrainedConfig) -> torch.Tensor:

@@ -1,0 +1,282 @@
+"""`megatune train` / `megatune export` end to end on CPU (2 gloo processes where parallel).
+
+Ground truth is transformers: the first step's loss and gradient norm must equal those of the
+HF model on the same global batch (token mean over all micro-batches and data-parallel ranks).
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from megatune.tiny import make_tiny_model
+from tests.conftest import REPO, run_megatune
+
+BASE = dict(
+    stage="sft",
+    dataset="megatune_identity,megatune_chat",
+    dataset_dir=str(REPO / "data"),
+    template="qwen3_nothink",
+    cutoff_len=96,
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=2,
+    learning_rate=1.0e-3,
+    lr_scheduler_type="cosine",
+    logging_steps=1,
+    save_steps=1000,
+    seed=7,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model("qwen3", str(tmp_path_factory.mktemp("train") / "tiny"), seed=3, with_tokenizer=True)
+
+
+def write_config(path, model_dir, **overrides):
+    values = {**BASE, "model_name_or_path": model_dir, "output_dir": str(path / "out"), **overrides}
+    config = path / "run.yaml"
+    config.write_text(yaml.safe_dump(values))
+    return config, values
+
+
+def log_rows(output_dir):
+    lines = (output_dir / "trainer_log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def train(config, *args, timeout=900):
+    result = run_megatune("train", str(config), *args, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def hf_step(model_dir, values, step: int):
+    """Loss and grad norm transformers computes on the global batch of `step` (1-based)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatune.config import derive_layout, load_config
+    from megatune.data.collator import collate
+    from megatune.data.pipeline import build_train_source
+
+    config = load_config(None, values)
+    layout = derive_layout(config, values["nproc_per_node"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    source, _, _ = build_train_source(config, tokenizer, layout.global_batch_size)
+    for _ in range(step):
+        batch = source.next_global_batch()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    total, count = 0.0, 0
+    for sample in batch:
+        b = collate([sample], tokenizer.pad_token_id)
+        logits = model(input_ids=b.tokens).logits.float()
+        losses = torch.nn.functional.cross_entropy(logits[0], b.labels[0], ignore_index=-100, reduction="sum")
+        total, count = total + losses, count + int((b.labels != -100).sum())
+    loss = total / count
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    return loss.item(), norm.item(), count
+
+
+LAYOUTS = {
+    "dp2": dict(nproc_per_node=2),
+    "tp2": dict(nproc_per_node=2, tensor_model_parallel_size=2),
+    "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True),
+    "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2),
+    "pp2_vpp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_loss_and_grad_norm_match_transformers_and_lr0_keeps_weights(tmp_path, model_dir, layout):
+    config, values = write_config(tmp_path, model_dir, learning_rate=0.0, max_steps=2, **LAYOUTS[layout])
+    train(config)
+    rows = log_rows(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        ref_loss, ref_norm, ref_tokens = hf_step(model_dir, values, row["step"])
+        assert row["loss_tokens"] == ref_tokens
+        assert row["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        assert row["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    # learning_rate 0: the exported checkpoint holds exactly the input weights
+    from safetensors.torch import load_file
+
+    before = load_file(os.path.join(model_dir, "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loss_falls_and_resume_is_exact(tmp_path, model_dir):
+    """6 steps straight vs resuming from the straight run's step-3 checkpoint (the state an
+    interrupted run leaves, bit for bit) with TP=2: identical per-step losses and grad norms.
+    The same checkpoint also resumes under PP=2 (resharded), with matching losses."""
+    tp2 = dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True)
+    common = dict(max_steps=6, save_steps=3, val_size=4)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    config, _ = write_config(straight, model_dir, eval_steps=3, plot_loss=True, **common, **tp2)
+    train(config)
+    out = straight / "out"
+    rows = {r["step"]: r for r in log_rows(out)}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert rows[6]["loss"] < rows[1]["loss"]
+    assert math.isfinite(rows[3]["eval_loss"]) and rows[6]["eval_loss"] < rows[3]["eval_loss"]
+    assert (out / "training_loss.png").stat().st_size > 1000
+
+    for name, layout in {"tp2": tp2, "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2)}.items():
+        resumed = tmp_path / name / "out"
+        resumed.mkdir(parents=True)
+        shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+        cfg, _ = write_config(tmp_path / name, model_dir, resume_from_checkpoint="auto", **common, **layout)
+        result = train(cfg)
+        assert "resumed from" in result.stdout
+        again = {r["step"]: r for r in log_rows(resumed)}
+        assert sorted(again) == [4, 5, 6]
+        for step in (4, 5, 6):
+            if name == "tp2":
+                assert again[step]["loss"] == rows[step]["loss"]
+                assert again[step]["grad_norm"] == rows[step]["grad_norm"]
+            else:  # another layout sums in another order
+                assert again[step]["loss"] == pytest.approx(rows[step]["loss"], rel=1e-5)
+
+
+def test_export_command_reshards_a_checkpoint(tmp_path, model_dir):
+    config, _ = write_config(tmp_path, model_dir, max_steps=3, save_steps=1, save_total_limit=2,
+                             nproc_per_node=2, tensor_model_parallel_size=2)
+    train(config)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # rotated
+    result = run_megatune("export", "--checkpoint_path", str(out / "checkpoint-3"), "--output_path",
+                          str(tmp_path / "pp2"), "--nproc_per_node", "2", "--pipeline_model_parallel_size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_megatune("export", "--checkpoint_path", str(out / "checkpoint-3"), "--output_path",
+                          str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    resharded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pp2")).state_dict()
+    half = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    assert all(torch.equal(final[k], resharded[k]) for k in final)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(final[k].bfloat16(), v) for k, v in half.state_dict().items())
+    AutoTokenizer.from_pretrained(str(tmp_path / "bf16"))  # tokenizer travels with the checkpoint
+    bad = run_megatune("export", "--checkpoint_path", str(out), "--output_path", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "is not a complete megatune checkpoint" in bad.stderr
+    bad = run_megatune("export", "--checkpoint_path", str(out / "checkpoint-3"), "--output_path",
+                       str(tmp_path / "x"), "--dtype", "int8")
+    assert bad.returncode == 2 and "--dtype int8 is not supported" in bad.stderr
+
+
+def _script_run(tmp_path, model_dir, patch: str, *args, **overrides):
+    """Run the trainer in one process with a fault injected by `patch` (Python source)."""
+    config, _ = write_config(tmp_path, model_dir, **overrides)
+    code = f"{patch}\nfrom megatune.cli import main\nraise SystemExit(main(['train', {str(config)!r}, *{list(args)!r}]))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+CRASH_IN_SAVE = """
+import os, torch
+_save = torch.save
+def save(obj, path, *a, **k):
+    if "checkpoint-4" in str(path):
+        os._exit(9)  # killed after the model/optimizer files, before the save completes
+    return _save(obj, path, *a, **k)
+torch.save = save
+"""
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, model_dir):
+    crashed = _script_run(tmp_path, model_dir, CRASH_IN_SAVE, max_steps=6, save_steps=2, nproc_per_node=1)
+    assert crashed.returncode == 9
+    out = tmp_path / "out"
+    assert (out / "checkpoint-4.tmp").is_dir() and not (out / "checkpoint-4").exists()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    # resume 'auto' ignores the partial folder, continues from step 2 and cleans up
+    result = train(tmp_path / "run.yaml", "--resume_from_checkpoint", "auto")
+    assert f"resumed from {out / 'checkpoint-2'}" in result.stdout
+    assert not (out / "checkpoint-4.tmp").exists() and (out / "checkpoint-6").is_dir()
+    assert [r["step"] for r in log_rows(out)] == [1, 2, 3, 4, 5, 6]
+
+
+NAN_LOSS = """
+import math, torch
+import megatune.engine.step as step_module
+_loss = step_module._loss_func
+calls = [0]
+def loss_func(labels, output):
+    calls[0] += 1
+    loss, count, extra = _loss(labels, output)
+    if calls[0] > 2 and (BAD_UNTIL is None or calls[0] <= BAD_UNTIL):  # 2 micro-batches per step
+        loss = loss * math.nan
+        extra = {"lm": torch.stack([loss.detach(), count.float()])}
+    return loss, count, extra
+step_module._loss_func = loss_func
+"""
+
+
+def test_nonfinite_steps_are_skipped_and_too_many_stop_training(tmp_path, model_dir):
+    (tmp_path / "once").mkdir()
+    once = _script_run(tmp_path / "once", model_dir, "BAD_UNTIL = 4\n" + NAN_LOSS, max_steps=3)
+    assert once.returncode == 0, once.stderr[-3000:]
+    rows = log_rows(tmp_path / "once" / "out")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    assert math.isnan(rows[1]["loss"]) and math.isfinite(rows[2]["loss"])
+    assert "step 2: loss nan or gradients not finite; update skipped" in once.stdout
+
+    (tmp_path / "always").mkdir()
+    always = _script_run(tmp_path / "always", model_dir, "BAD_UNTIL = None\n" + NAN_LOSS, max_steps=10,
+                         max_nonfinite_steps=3)
+    assert always.returncode == 1, always.stderr[-3000:]
+    assert "3 steps in a row had a non-finite loss or gradient (last at step 4); stopping" in always.stderr
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits(tmp_path, model_dir):
+    config, _ = write_config(tmp_path, model_dir, max_steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "megatune", "train", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "out" / "trainer_log.jsonl"
+    deadline = time.time() + 300
+    while not (log.is_file() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    saved = sorted((tmp_path / "out").glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
+    assert "checkpoint saved. Continue with --resume_from_checkpoint auto" in stdout
+
+
+def test_refusals(tmp_path, model_dir):
+    cases = {
+        "stage: dpo": (dict(stage="dpo"), "stage='dpo' is not supported; choose one of: pt, sft"),
+        "lora": (dict(finetuning_type="lora"), "finetuning_type='lora' is not supported; choose one of: full"),
+        "warmup": (dict(max_steps=4, warmup_steps=4), "warmup (4 steps) must be shorter than training (4 steps)"),
+        "min_lr": (dict(max_steps=4, min_lr=1.0), "min_lr=1.0 is above learning_rate=0.001"),
+        "do_train": (dict(do_train=False), "do_train: false"),
+    }
+    for name, (overrides, message) in cases.items():
+        (tmp_path / name).mkdir()
+        config, _ = write_config(tmp_path / name, model_dir, **overrides)
+        result = run_megatune("train", str(config))
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert message in result.stderr, (name, result.stderr[-2000:])
+    # an output_dir with checkpoints is neither silently continued nor overwritten
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    config, _ = write_config(tmp_path, model_dir)
+    result = run_megatune("train", str(config))
+    assert result.returncode == 2 and "already holds checkpoints [3]; set resume_from_checkpoint: auto" in result.stderr
+    result = run_megatune("train", str(config), "--resume_from_checkpoint", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "is not a complete megatune checkpoint" in result.stderr
