@@ -53,6 +53,18 @@ def log_rows(output_dir):
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def weights(folder) -> dict:
+    """Every tensor of an HF folder, whatever its sharding."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
 def train(config, *args, timeout=900):
     result = run_megatune("train", str(config), *args, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -107,10 +119,7 @@ def test_loss_and_grad_norm_match_transformers_and_lr0_keeps_weights(tmp_path, m
         assert row["loss"] == pytest.approx(ref_loss, rel=1e-5)
         assert row["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
     # learning_rate 0: the exported checkpoint holds exactly the input weights
-    from safetensors.torch import load_file
-
-    before = load_file(os.path.join(model_dir, "model.safetensors"))
-    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    before, after = weights(model_dir), weights(tmp_path / "out")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

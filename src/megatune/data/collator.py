@@ -87,3 +87,23 @@ def collate_packed(samples: list[Sample], pad_id: int, pad_multiple: int = 1) ->
         torch.tensor([positions]),
         torch.tensor(bounds, dtype=torch.int32),
     )
+
+
+def pad_to_length(batch: Batch, length: int, pad_id: int) -> Batch:
+    """Right-pad a batch to `length` positions (packed batches get one more, fully masked,
+    document). Pipeline stages exchange fixed-shape activations, so every micro-batch of a step
+    is brought to the same length."""
+    extra = length - batch.tokens.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a batch of length {batch.tokens.shape[1]} to {length}")
+    if extra == 0:
+        return batch
+    rows = batch.tokens.shape[0]
+    tokens = torch.cat([batch.tokens, torch.full((rows, extra), pad_id, dtype=batch.tokens.dtype)], dim=1)
+    labels = torch.cat([batch.labels, torch.full((rows, extra), IGNORE, dtype=batch.labels.dtype)], dim=1)
+    if batch.cu_seqlens is None:
+        positions = torch.arange(length).unsqueeze(0).expand(rows, -1).contiguous()
+        return Batch(tokens, labels, positions)
+    positions = torch.cat([batch.position_ids, torch.arange(extra).unsqueeze(0)], dim=1)
+    bounds = torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + extra])
+    return Batch(tokens, labels, positions, bounds)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatune.data.collator import Batch, collate, collate_packed
+from megatune.data.collator import Batch, collate, collate_packed, pad_to_length
 from megatune.data.processors import IGNORE, Sample
 from megatune.engine.forward import packed_seq_params
 
@@ -29,13 +29,19 @@ class StepResult:
     skipped: bool
 
 
-def micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, pad_multiple: int, packed: bool) -> list[Batch]:
-    """Split this rank's share of a step into micro-batches and collate each."""
+def micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, pad_multiple: int, packed: bool,
+                  same_length: bool = False) -> list[Batch]:
+    """Split this rank's share of a step into micro-batches and collate each; `same_length`
+    (pipeline parallelism) pads them all to the longest one."""
     fn = collate_packed if packed else collate
-    return [
+    batches = [
         fn(samples[i:i + micro_batch_size], pad_id, pad_multiple)
         for i in range(0, len(samples), micro_batch_size)
     ]
+    if same_length:
+        longest = max(b.tokens.shape[1] for b in batches)
+        batches = [pad_to_length(b, longest, pad_id) for b in batches]
+    return batches
 
 
 def _device() -> torch.device:

@@ -139,7 +139,8 @@ def _eval_batches(evals: list[Sample], config: Config, layout: Layout, pad_id: i
     mine = evals[ps.get_data_parallel_rank()::layout.dp]
     if not mine:
         mine = [Sample([pad_id], [IGNORE])]
-    return [micro_batches(mine, config.training.per_device_eval_batch_size, pad_id, pad_multiple, bool(config.data.packing))]
+    return [micro_batches(mine, config.training.per_device_eval_batch_size, pad_id, pad_multiple,
+                          bool(config.data.packing), same_length=layout.pp > 1)]
 
 
 def _check_run_keys(config: Config) -> None:
@@ -226,7 +227,8 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
         global_batch = source.next_global_batch()
         share = rank_share(global_batch, ps.get_data_parallel_rank(), layout.dp)
         lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step uses
-        result = train_step(model, optimizer, micro_batches(share, layout.micro_batch_size, pad_id, pad_multiple, packed))
+        batches = micro_batches(share, layout.micro_batch_size, pad_id, pad_multiple, packed, same_length=layout.pp > 1)
+        result = train_step(model, optimizer, batches)
         scheduler.step(increment=1)
         state.step += 1
         state.consumed_samples += len(global_batch)

@@ -75,7 +75,10 @@ def transformer_config(config: Config, hf: dict, family: Family) -> TransformerC
         recompute_granularity=p.recompute_granularity,
         recompute_method=p.recompute_method,
         recompute_num_layers=p.recompute_num_layers,
-        variable_seq_lengths=True,
+        # Pipeline stages exchange activations of one fixed shape per step (the trainer pads every
+        # micro-batch of a step to the same length); Megatron's per-message shape exchange
+        # deadlocks the interleaved schedule.
+        variable_seq_lengths=False,
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
     )
 
