@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The quick start: install megatune, make a tiny Qwen3-style model offline, load it into
-# Megatron-core with tensor parallelism over 2 CPU processes, check its logits against
-# transformers, and export it back to a Hugging Face checkpoint.
+# The quick start: install megatune, make a tiny Qwen3-style model and tokenizer offline (random
+# weights), fine-tune it (full-parameter SFT) on megatune's bundled demo data on CPU with tensor
+# parallelism over 2 processes, and end with a Hugging Face checkpoint in quickstart/output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-out=quickstart
+export OMP_NUM_THREADS=1
 .venv/bin/megatune env
-.venv/bin/megatune tiny-model --model_type qwen3 --output_dir $out/tiny-qwen3
-.venv/bin/megatune verify --model_name_or_path $out/tiny-qwen3 \
-  --tensor_model_parallel_size 2 --nproc_per_node 2 --export_path $out/exported
-echo "Hugging Face checkpoint exported to $out/exported:"
-ls $out/exported
+.venv/bin/megatune tiny-model --model_type qwen3 --output_dir quickstart/tiny-qwen3
+.venv/bin/megatune train examples/tiny_qwen3_sft.yaml --nproc_per_node 2 --overwrite_output_dir true
+echo "Hugging Face checkpoint in quickstart/output (loss log: quickstart/output/trainer_log.jsonl):"
+ls quickstart/output

@@ -305,7 +305,8 @@ def _progress(done: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
+    # disable=None: a live bar in a terminal, none in log files (the metric lines carry the news)
+    return tqdm(total=total, initial=done, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
 
 
 def _write_line(progress, line: str) -> None:
