@@ -132,7 +132,7 @@ def test_loss_falls_and_resume_is_exact(tmp_path, model_dir):
     common = dict(max_steps=6, save_steps=3, val_size=4)
     straight = tmp_path / "straight"
     straight.mkdir()
-    config, _ = write_config(straight, model_dir, eval_steps=3, plot_loss=True, **common, **tp2)
+    config, _ = write_config(straight, model_dir, eval_steps=3, plot_loss=True, report_to="tensorboard", **common, **tp2)
     train(config)
     out = straight / "out"
     rows = {r["step"]: r for r in log_rows(out)}
@@ -140,6 +140,13 @@ def test_loss_falls_and_resume_is_exact(tmp_path, model_dir):
     assert rows[6]["loss"] < rows[1]["loss"]
     assert math.isfinite(rows[3]["eval_loss"]) and rows[6]["eval_loss"] < rows[3]["eval_loss"]
     assert (out / "training_loss.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([rows[s]["loss"] for s in range(1, 7)], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval_loss")] == [3, 6]
 
     for name, layout in {"tp2": tp2, "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2)}.items():
         resumed = tmp_path / name / "out"
