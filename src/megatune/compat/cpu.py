@@ -168,6 +168,20 @@ def _cpu_l2_norm(original):
     return l2_norm
 
 
+def _splits_as_numpy(original):
+    """The alltoall dispatcher moves its split sizes to the host with
+    moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True), which only converts CUDA tensors;
+    on CPU they stay tensors and reach all_to_all_single as tensors. Convert CPU tensors the
+    same way, so the dispatcher sees what it sees on a GPU."""
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return maybe_move_tensor_to_cpu
+
+
 PATCHES: list[Patch] = [
     Patch(
         "torch.cuda",
@@ -271,6 +285,27 @@ PATCHES: list[Patch] = [
         "_set_cuda_rng_state",
         lambda orig: lambda state, *args, **kwargs: torch.set_rng_state(state),
         "CudaRNGStatesTracker.fork/add restore a CUDA RNG state.",
+    ),
+    Patch(
+        "megatron.core.transformer.moe.token_dispatcher",
+        "torch",
+        _cpu_torch,
+        "MoEAlltoAllTokenDispatcher.__init__ creates torch.cuda.Stream() for its device-to-host "
+        "copies, and _maybe_dtoh_and_synchronize uses torch.cuda.current_stream/stream.",
+    ),
+    Patch(
+        "megatron.core.transformer.moe.token_dispatcher",
+        "maybe_move_tensor_to_cpu",
+        _splits_as_numpy,
+        "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize turns the all-to-all split "
+        "sizes into numpy arrays only when they are CUDA tensors.",
+    ),
+    Patch(
+        "megatron.core.transformer.moe.moe_utils",
+        "torch",
+        _cpu_torch,
+        "track_moe_metrics(force_initialize=True) creates missing aux-loss tracker entries with "
+        "torch.zeros(num_layers, device='cuda') (e.g. z_loss, or a pipeline stage without MoE).",
     ),
 ]
 

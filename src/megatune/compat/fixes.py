@@ -43,6 +43,19 @@ def _own_adam_steps(original):
     return load_state_dict
 
 
+def _define_te_general_gemm(moe_utils):
+    """megatron.core.transformer.moe.moe_utils imports `te_general_gemm` only inside its
+    `try: import transformer_engine` block and, unlike extensions/transformer_engine.py, never
+    sets it to None in the `except ImportError` branch; RouterGatingLinearFunction.forward /
+    backward then test `te_general_gemm is not None` and raise NameError. Define it as None
+    (Megatron's own "no TE" value), which selects the torch.mm / torch.addmm path. The Patch
+    targets the package's `moe_utils` attribute because apply_patches must read the original
+    attribute, and `te_general_gemm` is exactly the one that is missing."""
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    return moe_utils
+
+
 FIXES: list[Patch] = [
     Patch(
         "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
@@ -58,8 +71,19 @@ FIXES: list[Patch] = [
         "after a resume every parameter shares one Adam `step` tensor, which torch's Adam then "
         "advances once per parameter.",
     ),
+    Patch(
+        "megatron.core.transformer.moe",
+        "moe_utils",
+        _define_te_general_gemm,
+        "without Transformer Engine every MoE router call fails: "
+        "moe_utils.RouterGatingLinearFunction.forward reads the undefined te_general_gemm "
+        "(NameError).",
+    ),
 ]
 
 
 def enable_megatron_fixes() -> list[Patch]:
+    # Make sure the package has the `moe_utils` attribute the te_general_gemm fix replaces.
+    import megatron.core.transformer.moe.moe_utils  # noqa: F401
+
     return apply_patches(FIXES, _APPLIED)
