@@ -178,6 +178,15 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
     return _run_worker(command, config, layout, extras)
 
 
+def _say_moe_path(config) -> None:
+    """MoE runs say which expert implementation computes them (never a silent slow path)."""
+    hf = read_hf_config(config.model.model_name_or_path)
+    if hf.get("num_experts") or hf.get("num_local_experts"):
+        from megatune.layers.spec import choose_backend
+
+        print(f"megatune: MoE experts: {choose_backend().moe_experts}", flush=True)
+
+
 def _export_config(yaml_path, extras: dict, overrides: dict):
     from megatune.export import export_config, parse_dtype
 
@@ -204,6 +213,7 @@ def _run_worker(command, config, layout, extras) -> int:
     try:
         if is_rank0():
             print(f"megatune: {layout.describe()}", flush=True)
+            _say_moe_path(config)
         if command == "verify":
             return _verify(config, extras)
         if command == "train":

@@ -7,6 +7,16 @@ from __future__ import annotations
 
 import torch
 
+# A tiny Qwen3-MoE: 4 experts, top-2, layer 1 dense (mlp_only_layers), renormalised top-k.
+TINY_MOE = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    mlp_only_layers=[1],
+    norm_topk_prob=True,
+    head_dim=16,
+)
+
 TINY_SHAPE = dict(
     vocab_size=256,
     hidden_size=64,
@@ -26,6 +36,8 @@ def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, with_tokenizer
     from megatune.tiny_tokenizer import VOCAB_SIZE, make_tiny_tokenizer
 
     kwargs = {**TINY_SHAPE, **({"vocab_size": VOCAB_SIZE} if with_tokenizer else {}), **overrides}
+    if model_type == "qwen3_moe":
+        kwargs = {**TINY_MOE, **kwargs}
     if model_type == "qwen3":
         kwargs.setdefault("head_dim", 32)  # explicit head_dim != hidden/heads, as in real Qwen3
     config = AutoConfig.for_model(model_type, **kwargs)
@@ -38,6 +50,8 @@ def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, with_tokenizer
                 param.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 param.normal_(0, 0.1)
+            elif name.endswith("mlp.gate.weight"):  # MoE router: decisive routing, no near-ties
+                param.normal_(0, 0.5)
     model.save_pretrained(out_dir)
     if with_tokenizer:
         make_tiny_tokenizer(out_dir, family="llama3" if model_type == "llama" else "qwen")

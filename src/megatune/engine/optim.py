@@ -38,7 +38,8 @@ def wrap_ddp(chunks: list[torch.nn.Module], tc: TransformerConfig, config: Confi
         bucket_size=p.ddp_bucket_size,
         average_in_collective=False,
     )
-    tc.calculate_per_token_loss = True
+    if not tc.calculate_per_token_loss:
+        raise ValueError("the model must be built with calculate_per_token_loss=True (models/build.py)")
     return [
         DistributedDataParallel(config=tc, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)

@@ -30,18 +30,33 @@ class StepResult:
 
 
 def micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int, pad_multiple: int, packed: bool,
-                  same_length: bool = False) -> list[Batch]:
-    """Split this rank's share of a step into micro-batches and collate each; `same_length`
-    (pipeline parallelism) pads them all to the longest one."""
+                  length: int | None = None) -> list[Batch]:
+    """Split this rank's share of a step into micro-batches and collate each; with `length`,
+    every micro-batch is padded to exactly that many positions."""
     fn = collate_packed if packed else collate
     batches = [
         fn(samples[i:i + micro_batch_size], pad_id, pad_multiple)
         for i in range(0, len(samples), micro_batch_size)
     ]
-    if same_length:
-        longest = max(b.tokens.shape[1] for b in batches)
-        batches = [pad_to_length(b, longest, pad_id) for b in batches]
+    if length is not None:
+        batches = [pad_to_length(b, length, pad_id) for b in batches]
     return batches
+
+
+def uniform_length(global_batch: list[Sample], micro_batch_size: int, pad_multiple: int, packed: bool) -> int:
+    """The longest collated micro-batch of a whole step, over all data-parallel ranks.
+
+    Pipeline stages exchange fixed-shape activations, and Megatron's allgather MoE dispatcher
+    gathers equal token counts across expert-parallel ranks (which span data-parallel replicas),
+    so those runs give every micro-batch of a step this one length. Every rank sees the whole
+    global batch, so no communication is needed.
+    """
+    groups = [global_batch[i:i + micro_batch_size] for i in range(0, len(global_batch), micro_batch_size)]
+    if packed:
+        longest = max(sum(len(s.input_ids) for s in group) for group in groups)
+    else:
+        longest = max(len(s.input_ids) for s in global_batch)
+    return -(-longest // pad_multiple) * pad_multiple
 
 
 def _device() -> torch.device:

@@ -28,7 +28,7 @@ from megatune.data.source import rank_share
 from megatune.engine import checkpoint as ckpt
 from megatune.engine.metrics import MetricsLog, Throughput, format_row, peak_memory_gb, plot_loss
 from megatune.engine.optim import build_optimizer, build_scheduler, schedule_problems, wrap_ddp
-from megatune.engine.step import evaluate, micro_batches, train_step
+from megatune.engine.step import evaluate, micro_batches, train_step, uniform_length
 
 
 class TrainingError(Exception):
@@ -139,8 +139,14 @@ def _eval_batches(evals: list[Sample], config: Config, layout: Layout, pad_id: i
     mine = evals[ps.get_data_parallel_rank()::layout.dp]
     if not mine:
         mine = [Sample([pad_id], [IGNORE])]
-    return [micro_batches(mine, config.training.per_device_eval_batch_size, pad_id, pad_multiple,
-                          bool(config.data.packing), same_length=layout.pp > 1)]
+    mbs, packed = config.training.per_device_eval_batch_size, bool(config.data.packing)
+    length = uniform_length(evals, mbs, pad_multiple, packed) if _needs_uniform_length(layout) else None
+    return [micro_batches(mine, mbs, pad_id, pad_multiple, packed, length)]
+
+
+def _needs_uniform_length(layout: Layout) -> bool:
+    """Pipeline parallelism and expert parallelism need one micro-batch shape per step."""
+    return layout.pp > 1 or layout.ep > 1
 
 
 def _check_run_keys(config: Config) -> None:
@@ -215,6 +221,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
     t = config.training
     pad_multiple = pad_multiple_for(layout.tp, layout.cp, config.parallel.sequence_parallel)
     packed = bool(config.data.packing)
+    uniform = _needs_uniform_length(layout)
     eval_every = _eval_every(config, source.steps_per_epoch) if evals else None
     throughput = Throughput(bundle.hf, layout.world_size)
     window_loss = window_tokens = 0.0
@@ -227,7 +234,8 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
         global_batch = source.next_global_batch()
         share = rank_share(global_batch, ps.get_data_parallel_rank(), layout.dp)
         lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step uses
-        batches = micro_batches(share, layout.micro_batch_size, pad_id, pad_multiple, packed, same_length=layout.pp > 1)
+        length = uniform_length(global_batch, layout.micro_batch_size, pad_multiple, packed) if uniform else None
+        batches = micro_batches(share, layout.micro_batch_size, pad_id, pad_multiple, packed, length)
         result = train_step(model, optimizer, batches)
         scheduler.step(increment=1)
         state.step += 1

@@ -16,7 +16,12 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -45,27 +50,38 @@ def choose_backend() -> Backend:
         "torch",
         "torch scaled_dot_product_attention",
         "megatune RMSNorm (fp32, sequence-parallel aware)",
-        "not supported yet (MoE lands with the MoE issue)",
+        "Megatron SequentialMLP (a loop over local experts; grouped GEMM without TE is not built yet)",
     )
 
 
-def dense_decoder_spec(config: TransformerConfig, qk_layernorm: bool, vp_stage: int | None):
-    """Decoder spec for dense layers (Llama/Qwen2/Qwen3) of this pipeline stage."""
-    if te_usable():
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
+def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
+    """Which global layers are MoE layers (Megatron's `moe_layer_freq`: an int or a 0/1 list)."""
+    if not config.num_moe_experts:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    return [bool(x) for x in freq]
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+
+def decoder_spec(config: TransformerConfig, qk_layernorm: bool, vp_stage: int | None):
+    """Decoder spec of this pipeline stage: dense layers, or MoE layers where the pattern says."""
+    if te_usable():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
     # Spelled out as block submodules so the final norm is ours too (Megatron would pick
     # torch's RMSNorm, which refuses sequence parallelism).
-    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    moe = moe_layer_pattern(config)
+    layers = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage))
     return TransformerBlockSubmodules(
-        layer_specs=[torch_native_layer_spec(qk_layernorm)] * layers, layer_norm=RMSNorm
+        layer_specs=[torch_native_layer_spec(qk_layernorm, config.num_moe_experts if moe[i] else None) for i in layers],
+        layer_norm=RMSNorm,
     )
 
 
-def torch_native_layer_spec(qk_layernorm: bool) -> ModuleSpec:
+def torch_native_layer_spec(qk_layernorm: bool, num_experts: int | None = None) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -88,7 +104,9 @@ def torch_native_layer_spec(qk_layernorm: bool) -> ModuleSpec:
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
                 ),
-            ),
+            )
+            if num_experts is None
+            else get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -13,7 +13,7 @@ from megatron.core.transformer import TransformerConfig
 from transformers import AutoConfig, PretrainedConfig
 
 from megatune.config import Config
-from megatune.layers.spec import dense_decoder_spec
+from megatune.layers.spec import decoder_spec
 from megatune.models import get_family
 from megatune.models.family import Family, dense_transformer_kwargs, head_dim, rope_theta
 from megatune.models.mappings import Shapes
@@ -55,6 +55,7 @@ def transformer_config(config: Config, hf: dict, family: Family) -> TransformerC
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         **dense_transformer_kwargs(hf, family),
+        **family.moe_kwargs(hf, config),
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
@@ -79,6 +80,9 @@ def transformer_config(config: Config, hf: dict, family: Family) -> TransformerC
         # micro-batch of a step to the same length); Megatron's per-message shape exchange
         # deadlocks the interleaved schedule.
         variable_seq_lengths=False,
+        # The trainer's loss is a global token mean (engine/optim.py). Set at build time: the MoE
+        # router reads it in its constructor to scale the aux loss to match.
+        calculate_per_token_loss=True,
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
     )
 
@@ -94,7 +98,7 @@ def build_model(config: Config, model_dir: str) -> ModelBundle:
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=tc,
-            transformer_layer_spec=dense_decoder_spec(tc, family.qk_layernorm, stage),
+            transformer_layer_spec=decoder_spec(tc, family.qk_layernorm, stage),
             vocab_size=hf["vocab_size"],
             max_sequence_length=hf.get("max_position_embeddings") or 4096,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

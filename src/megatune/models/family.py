@@ -31,6 +31,8 @@ class Family:
     qk_layernorm: bool = False
     qkv_bias: Callable[[dict], bool] = lambda hf: False
     checks: tuple[Callable[[dict], str | None], ...] = field(default_factory=tuple)
+    # HF config (+ run config, for YAML overrides) -> Megatron MoE kwargs; dense families: none
+    moe_kwargs: Callable[[dict, object], dict] = lambda hf, config: {}
 
     def problems(self, hf: dict) -> list[str]:
         return [msg for check in self.checks if (msg := check(hf))]

@@ -3,11 +3,12 @@
 A family lists mappings; the loader and exporter only ever talk to these types. Each mapping
 knows how to read *its own slice* of the HF tensors for one tensor-parallel rank (`load`) and how
 to rebuild the HF tensors from every rank's shard (`unshard`). Names may contain `{layer}`, the
-global decoder-layer index.
+global decoder-layer index, and `{expert}` (see `for_expert`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,7 +45,21 @@ class Mapping:
         raise NotImplementedError
 
     def pattern(self) -> re.Pattern:
-        return re.compile("^" + re.escape(self.megatron).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
+        escaped = re.escape(self.megatron).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        return re.compile("^" + escaped.replace(r"\{expert\}", r"(?P<expert>\d+)") + "$")
+
+
+def for_expert(mapping: Mapping, megatron_index: int, hf_index: int) -> Mapping:
+    """The mapping of one expert: `{expert}` in Megatron names is the rank-local index, in HF
+    names the global one (expert e lives on EP rank e // local_count)."""
+    values = {}
+    for f in dataclasses.fields(mapping):
+        value = getattr(mapping, f.name)
+        if isinstance(value, str):
+            index = megatron_index if f.name == "megatron" else hf_index
+            value = value.replace("{expert}", str(index))
+        values[f.name] = value
+    return dataclasses.replace(mapping, **values)
 
 
 def _fmt(name: str, layer: int | None) -> str:

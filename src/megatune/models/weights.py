@@ -8,6 +8,7 @@ from __future__ import annotations
 
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from megatune.models.hf_io import (
     finalize_shards,
     write_side_files,
 )
-from megatune.models.mappings import Mapping
+from megatune.models.mappings import Mapping, for_expert
 
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 # Transformer Engine fuses the pre-attention/pre-MLP norms into the next linear.
@@ -48,16 +49,44 @@ def global_params(chunk: torch.nn.Module):
         yield name, param
 
 
-def resolve(bundle: ModelBundle, name: str) -> tuple[Mapping, int | None]:
+@dataclass(frozen=True)
+class Resolved:
+    mapping: Mapping  # concrete: any `{expert}` already filled in
+    layer: int | None
+    expert: bool  # sharded over expert-parallel / expert-tensor-parallel ranks
+
+
+def resolve(bundle: ModelBundle, name: str) -> Resolved:
     if name == OUTPUT_LAYER and bundle.tied:
         # With pipeline parallelism the last stage keeps its own copy of the tied embedding.
         name = EMBEDDING
     for mapping in bundle.family.mappings:
         match = mapping.pattern().match(name)
         if match:
-            layer = match.groupdict().get("layer")
-            return mapping, int(layer) if layer is not None else None
+            groups = match.groupdict()
+            layer = int(groups["layer"]) if groups.get("layer") is not None else None
+            if groups.get("expert") is None:
+                return Resolved(mapping, layer, False)
+            local = int(groups["expert"])
+            per_rank = bundle.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+            global_index = ps.get_expert_model_parallel_rank() * per_rank + local
+            return Resolved(for_expert(mapping, local, global_index), layer, True)
     raise KeyError(f"no {bundle.family.model_type} mapping for Megatron parameter '{name}'")
+
+
+def _tp(expert: bool) -> tuple[int, int, object]:
+    """(rank, size, group) of the tensor-parallel group that shards this kind of parameter."""
+    if expert:
+        return (
+            ps.get_expert_tensor_parallel_rank(),
+            ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_group(),
+        )
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 @torch.no_grad()
@@ -67,16 +96,15 @@ def load_hf_weights(bundle: ModelBundle, model_dir: str) -> int:
     Returns the number of parameters loaded; raises if any shape disagrees.
     """
     src = SafetensorsSource(model_dir)
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    tp_size = ps.get_tensor_model_parallel_world_size()
     count = 0
     for chunk in bundle.chunks:
         for name, param in global_params(chunk):
-            mapping, layer = resolve(bundle, name)
-            value = mapping.load(src, layer, tp_rank, tp_size, bundle.shapes)
+            r = resolve(bundle, name)
+            rank, size, _ = _tp(r.expert)
+            value = r.mapping.load(src, r.layer, rank, size, bundle.shapes)
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(
-                    f"{model_dir}: {mapping.hf_names()} (layer {layer}) gives shape "
+                    f"{model_dir}: {r.mapping.hf_names()} (layer {r.layer}) gives shape "
                     f"{tuple(value.shape)} for Megatron '{name}', which expects {tuple(param.shape)}"
                 )
             param.copy_(value)
@@ -95,36 +123,40 @@ def export_hf(
     """Gather the model into an HF folder. Collective: every rank must call it.
 
     Each pipeline stage's first data-parallel, first tensor-parallel rank writes its own
-    layers, flushing a shard file whenever it reaches `max_shard_bytes`; no rank ever holds more
-    than its own parameters plus one shard. Rank 0 then names the shards and writes the index.
+    layers, flushing a shard file whenever it reaches `max_shard_bytes`; experts are written by
+    the first expert-data-parallel, first expert-tensor-parallel rank of each expert-parallel
+    rank (each holds different experts). No rank ever holds more than its own parameters plus one
+    shard. Rank 0 then names the shards and writes the index.
     """
     out = Path(out_dir)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         clear_old_weights(out)
     dist.barrier()
-    writes = ps.get_data_parallel_rank() == 0
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    writer = ShardWriter(out, f"pp{ps.get_pipeline_model_parallel_rank():03d}", max_shard_bytes)
-    if writes:
-        for chunk in bundle.chunks:
-            for name, param in global_params(chunk):
-                if name == OUTPUT_LAYER and bundle.tied:
-                    continue  # HF ties lm_head to the embedding; the first stage writes it
-                mapping, layer = resolve(bundle, name)
-                if mapping.tp_dim is None or tp_size == 1:
-                    shards = [param]
-                else:
-                    shards = [torch.empty_like(param) for _ in range(tp_size)]
-                    dist.all_gather(shards, param.contiguous(), group=tp_group)
-                if tp_rank == 0:
-                    for hf_name, tensor in mapping.unshard([s.cpu() for s in shards], layer, bundle.shapes).items():
-                        writer.add(hf_name, tensor.to(dtype))
-        writer.flush()
+    writes = {
+        False: ps.get_data_parallel_rank() == 0,
+        True: ps.get_expert_data_parallel_rank() == 0,
+    }
+    writer = ShardWriter(out, f"rank{dist.get_rank():05d}", max_shard_bytes)
+    for chunk in bundle.chunks:
+        for name, param in global_params(chunk):
+            if name == OUTPUT_LAYER and bundle.tied:
+                continue  # HF ties lm_head to the embedding; the first stage writes it
+            r = resolve(bundle, name)
+            if not writes[r.expert]:
+                continue
+            rank, size, group = _tp(r.expert)
+            if r.mapping.tp_dim is None or size == 1:
+                shards = [param]
+            else:
+                shards = [torch.empty_like(param) for _ in range(size)]
+                dist.all_gather(shards, param.contiguous(), group=group)
+            if rank == 0:
+                for hf_name, tensor in r.mapping.unshard([s.cpu() for s in shards], r.layer, bundle.shapes).items():
+                    writer.add(hf_name, tensor.to(dtype))
+    writer.flush()
     all_files: list = [None] * dist.get_world_size()
-    dist.all_gather_object(all_files, (ps.get_pipeline_model_parallel_rank(), writer.files))
+    dist.all_gather_object(all_files, (dist.get_rank(), writer.files))
     if dist.get_rank() == 0:
         ordered = [f for _, files in sorted(all_files, key=lambda x: x[0]) for f in files]
         finalize_shards(out, ordered)
