@@ -94,7 +94,7 @@ class MetricsLog:
 
 def format_row(row: dict) -> str:
     parts = [f"step {row['step']}/{row['total_steps']}"]
-    for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
+    for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
                      ("tokens_per_s", ".0f"), ("tflops_per_gpu", ".3g"), ("peak_mem_gb", ".2f")):
         value = row.get(key)
         if value is not None:
@@ -154,3 +154,24 @@ class Throughput:
         }
         self.reset()
         return out
+
+
+def moe_aux_loss(num_microbatches: int) -> float | None:
+    """The step's MoE load-balancing loss (before its coefficient), averaged over MoE layers,
+    micro-batches and data-parallel ranks; None for dense models. Collective; clears Megatron's
+    tracker for the next step. (Megatron's own reduction averages with ReduceOp.AVG, which gloo
+    lacks, so the sum is taken here and divided.)"""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    tracked = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+    if tracked is None:
+        return None
+    values = tracked["values"].detach().clone().float()
+    dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())  # each stage has its layers
+    layers = int((values != 0).sum())
+    dist.all_reduce(values)  # then average over every replica of each layer
+    replicas = dist.get_world_size() // ps.get_pipeline_model_parallel_world_size()
+    clear_aux_losses_tracker()
+    return float(values.sum()) / (replicas * max(layers, 1) * num_microbatches)

@@ -26,7 +26,7 @@ from megatune.data.collator import pad_multiple_for
 from megatune.data.processors import IGNORE, Sample
 from megatune.data.source import rank_share
 from megatune.engine import checkpoint as ckpt
-from megatune.engine.metrics import MetricsLog, Throughput, format_row, peak_memory_gb, plot_loss
+from megatune.engine.metrics import MetricsLog, Throughput, format_row, moe_aux_loss, peak_memory_gb, plot_loss
 from megatune.engine.optim import build_optimizer, build_scheduler, schedule_problems, wrap_ddp
 from megatune.engine.step import evaluate, micro_batches, train_step, uniform_length
 
@@ -225,6 +225,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
     eval_every = _eval_every(config, source.steps_per_epoch) if evals else None
     throughput = Throughput(bundle.hf, layout.world_size)
     window_loss = window_tokens = 0.0
+    window_aux: list[float] = []  # MoE load-balancing loss of each step since the last row
     nonfinite_in_row = 0
     last_grad_norm = None
     progress = _progress(state.step, steps)
@@ -238,6 +239,9 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
         batches = micro_batches(share, layout.micro_batch_size, pad_id, pad_multiple, packed, length)
         result = train_step(model, optimizer, batches)
         scheduler.step(increment=1)
+        aux = moe_aux_loss(len(batches))
+        if aux is not None:
+            window_aux.append(aux)
         state.step += 1
         state.consumed_samples += len(global_batch)
         throughput.add([n for s in global_batch for n in s.doc_lens])
@@ -267,6 +271,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
                 "total_steps": steps,
                 "epoch": state.step / source.steps_per_epoch if source.steps_per_epoch else None,
                 "loss": window_loss / window_tokens if window_tokens else math.nan,
+                **({"aux_loss": sum(window_aux) / len(window_aux)} if window_aux else {}),
                 "lr": lr,
                 "grad_norm": last_grad_norm,
                 "loss_tokens": result.tokens,
@@ -277,6 +282,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
                 "remaining_s": elapsed / (state.step - first_step) * (steps - state.step),
             }
             window_loss = window_tokens = 0.0
+            window_aux.clear()
         if eval_every and (state.step % eval_every == 0 or state.step == steps):
             with synced_params(model):
                 eval_loss = evaluate(model, _eval_batches(evals, config, layout, pad_id, pad_multiple))
