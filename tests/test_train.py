@@ -185,7 +185,11 @@ def test_export_command_reshards_a_checkpoint(tmp_path, model_dir):
     assert all(torch.equal(final[k], resharded[k]) for k in final)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     assert all(torch.equal(final[k].bfloat16(), v) for k, v in half.state_dict().items())
-    AutoTokenizer.from_pretrained(str(tmp_path / "bf16"))  # tokenizer travels with the checkpoint
+    # the tokenizer travels with the checkpoint, with the template's eos (LLaMA-Factory's
+    # replace_eos: the tiny base tokenizer ends with <|endoftext|>, qwen3_nothink answers with <|im_end|>)
+    assert AutoTokenizer.from_pretrained(model_dir).eos_token == "<|endoftext|>"
+    for folder in (out, tmp_path / "bf16", tmp_path / "pp2"):
+        assert AutoTokenizer.from_pretrained(str(folder)).eos_token == "<|im_end|>"
     bad = run_megatune("export", "--checkpoint_path", str(out), "--output_path", str(tmp_path / "x"))
     assert bad.returncode == 2 and "is not a complete megatune checkpoint" in bad.stderr
     bad = run_megatune("export", "--checkpoint_path", str(out / "checkpoint-3"), "--output_path",

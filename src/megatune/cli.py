@@ -114,13 +114,16 @@ def _data(rest: list[str]) -> int:
         raise ConfigError(["model_name_or_path is required: a folder with the tokenizer files"])
     from transformers import AutoTokenizer
 
-    from megatune.data.pipeline import build_samples
+    from megatune.data.pipeline import apply_config_template_eos, build_samples
     from megatune.data.preview import render
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
     try:
+        note = apply_config_template_eos(config, tokenizer)
+        if note:
+            print(f"megatune: {note}")
         samples, stats = build_samples(config, tokenizer)
-    except DataError as err:
+    except (DataError, ValueError) as err:
         return _error([str(err)])
     with open(extras["output"], "w") as f:
         for s in samples:
@@ -182,9 +185,9 @@ def _say_moe_path(config) -> None:
     """MoE runs say which expert implementation computes them (never a silent slow path)."""
     hf = read_hf_config(config.model.model_name_or_path)
     if hf.get("num_experts") or hf.get("num_local_experts"):
-        from megatune.layers.spec import choose_backend
+        from megatune.layers.spec import moe_experts_description
 
-        print(f"megatune: MoE experts: {choose_backend().moe_experts}", flush=True)
+        print(f"megatune: MoE experts: {moe_experts_description(config.parallel.moe_grouped_gemm)}", flush=True)
 
 
 def _export_config(yaml_path, extras: dict, overrides: dict):

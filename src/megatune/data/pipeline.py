@@ -62,6 +62,16 @@ def _encode_row(row: dict, idx: int, spec, template, tokenizer, config: Config, 
         return {"input_ids": [], "labels": [], "truncated": False, "error": str(err)}
 
 
+def apply_config_template_eos(config: Config, tokenizer) -> str | None:
+    """For sft with a named template: LLaMA-Factory's replace_eos on the tokenizer (see
+    templates.apply_template_eos); returns a note when the eos changed."""
+    from megatune.data.templates import apply_template_eos, get_template
+
+    if config.training.stage != "sft" or not config.data.template or config.data.template == "auto":
+        return None
+    return apply_template_eos(tokenizer, get_template(config.data.template))
+
+
 def encode_dataset(spec, rows, template, tokenizer, config: Config):
     workers = config.data.preprocessing_num_workers
     fn = partial(

@@ -453,6 +453,26 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+def apply_template_eos(tokenizer, template: Template) -> str | None:
+    """LLaMA-Factory's `replace_eos`: the tokenizer's eos becomes the template's first stop word
+    (e.g. a base Qwen tokenizer, eos <|endoftext|>, trained with `qwen3` stops at <|im_end|>),
+    so training data and the exported tokenizer agree on where an answer ends. Returns a note
+    when it changed something. The stop word must already be a token: the vocabulary is never
+    resized."""
+    if not (template.replace_eos and template.stop_words) or tokenizer.eos_token == template.stop_words[0]:
+        return None
+    word = template.stop_words[0]
+    ids = tokenizer.convert_tokens_to_ids([word])
+    if ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(
+            f"template '{template.name}' ends answers with {word!r}, which is not a token of this "
+            "tokenizer; choose the template that matches the model"
+        )
+    old = tokenizer.eos_token
+    tokenizer.eos_token = word
+    return f"template '{template.name}': eos token {old!r} -> {word!r} (as LLaMA-Factory's replace_eos)"
+
+
 def get_template(name: str) -> Template:
     """The named template; ValueError listing the names for an unknown one."""
     if name not in TEMPLATES:

@@ -28,6 +28,8 @@ from megatune.data.source import rank_share
 from megatune.engine import checkpoint as ckpt
 from megatune.engine.metrics import MetricsLog, Throughput, format_row, moe_aux_loss, peak_memory_gb, plot_loss
 from megatune.engine.optim import build_optimizer, build_scheduler, schedule_problems, wrap_ddp
+from megatune.data.pipeline import apply_config_template_eos
+from megatune.models.hf_io import save_tokenizer
 from megatune.engine.step import evaluate, micro_batches, train_step, uniform_length
 
 
@@ -171,6 +173,9 @@ def train(config: Config, layout: Layout) -> int:
     resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos_note = apply_config_template_eos(config, tokenizer)
+    if eos_note:
+        _say(eos_note)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     source, evals, stats = _build_data(config, tokenizer, layout)
     steps = total_steps(config, source.steps_per_epoch)
@@ -195,7 +200,8 @@ def train(config: Config, layout: Layout) -> int:
     stop = StopFlag()
     stop.install()
     try:
-        stopped = _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, state, steps, pad_id, log, stop)
+        stopped = _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, state, steps, pad_id, log,
+                        stop, tokenizer, bool(eos_note))
     finally:
         stop.restore()
         if log is not None:
@@ -207,6 +213,8 @@ def train(config: Config, layout: Layout) -> int:
     with synced_params(model):
         export_hf(bundle, model_dir, t.output_dir, param_dtype(config))
     if dist.get_rank() == 0:
+        if eos_note:
+            save_tokenizer(tokenizer, Path(t.output_dir))
         if t.plot_loss:
             problem = plot_loss(log.rows(), Path(t.output_dir) / "training_loss.png")
             if problem:
@@ -216,7 +224,8 @@ def train(config: Config, layout: Layout) -> int:
     return 0
 
 
-def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, state, steps, pad_id, log, stop):
+def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, state, steps, pad_id, log, stop,
+          tokenizer=None, eos_replaced=False):
     """Run steps until done; returns the signal number if a signal stopped training, else None."""
     t = config.training
     pad_multiple = pad_multiple_for(layout.tp, layout.cp, config.parallel.sequence_parallel)
@@ -299,6 +308,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
                     {"data": source.state_dict(), "skipped_steps": state.skipped_steps,
                      "consumed_samples": state.consumed_samples},
                     config, config.model.model_name_or_path, t.save_total_limit,
+                    tokenizer=tokenizer if eos_replaced else None,
                 )
             _say(f"saved {path}")
         if stopping:

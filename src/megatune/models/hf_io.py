@@ -139,3 +139,17 @@ def clear_old_weights(out_dir: Path) -> None:
     """Remove weights a previous export left, so a stale shard can't shadow the new ones."""
     for path in list(out_dir.glob("model*.safetensors*")):
         path.unlink()
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save a tokenizer changed for training (template eos) over the copied files, and make
+    generation stop at its eos as well."""
+    tokenizer.save_pretrained(str(folder))
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        values = json.loads(generation.read_text())
+        current = values.get("eos_token_id")
+        ids = current if isinstance(current, list) else ([current] if current is not None else [])
+        if tokenizer.eos_token_id not in ids:
+            values["eos_token_id"] = [tokenizer.eos_token_id, *ids]
+            generation.write_text(json.dumps(values, indent=2))
