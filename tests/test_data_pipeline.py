@@ -116,3 +116,17 @@ def test_validation_split_by_fraction_count_and_eval_dataset(tokenizer):
     assert (len(train), len(evals)) == (25, 5)
     train, evals, _ = build_train_eval(config_for(dataset="megatune_identity", eval_dataset="megatune_chat"), tokenizer)
     assert (len(train), len(evals)) == (30, 10)
+
+
+def test_template_eos_replaces_the_tokenizer_eos_or_refuses_a_missing_token():
+    from megatune.data.templates import apply_template_eos, get_template
+
+    qwen = make_tiny_tokenizer(family="qwen")  # base: eos <|endoftext|>
+    note = apply_template_eos(qwen, get_template("qwen3"))
+    assert qwen.eos_token == "<|im_end|>" and "'<|endoftext|>' -> '<|im_end|>'" in note
+    assert apply_template_eos(qwen, get_template("qwen3")) is None  # already done: no change
+    assert apply_template_eos(qwen, get_template("alpaca")) is None  # no replace_eos
+    llama = make_tiny_tokenizer(family="llama3")
+    with pytest.raises(ValueError, match="template 'qwen3' ends answers with '<\\|im_end\\|>', which is not a token"):
+        apply_template_eos(llama, get_template("qwen3"))
+    assert llama.eos_token == "<|end_of_text|>"
