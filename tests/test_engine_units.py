@@ -96,3 +96,18 @@ def test_own_adam_steps_unshares_the_step_tensor():
     assert steps[0] is not steps[1] and all(float(s) == 3.0 for s in steps)
     steps[0].add_(1)
     assert float(steps[1]) == 3.0  # advancing one no longer advances the other
+
+
+def test_moe_matmul_params_count_active_experts_only(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatune.tiny import make_tiny_model
+
+    make_tiny_model("qwen3_moe", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    hf = model.config.to_dict()
+    everything = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n)
+    per_expert = 3 * hf["hidden_size"] * hf["moe_intermediate_size"]
+    sparse_layers = 3  # 4 layers, layer 1 dense (mlp_only_layers)
+    inactive = sparse_layers * (hf["num_local_experts"] - hf["num_experts_per_tok"]) * per_expert
+    assert matmul_params(hf) == everything - inactive

@@ -4,7 +4,7 @@
 Model FLOPs per step (what "model TFLOP/s" counts, the same convention as DESIGN.md §4):
   6 x (matmul parameters) x (real tokens)  +  6 x (q heads x head_dim) x sum(doc_len^2) x layers
 The first term is forward (2) plus backward (4) for every linear layer including the output
-layer (embedding lookups are free); the second is causal attention's two matmuls
+layer (embedding lookups are free; MoE layers count the router and the top-k experts only); the second is causal attention's two matmuls
 (QK^T and AV: 2 x 2 x s^2/2 each way forward, x3 for backward). Padding is not counted.
 """
 
@@ -21,14 +21,24 @@ import torch
 
 
 def matmul_params(hf: dict) -> int:
-    """Parameters that take part in a matmul per token (dense models)."""
+    """Parameters that take part in a matmul per token. MoE layers count the router and only
+    the `num_experts_per_tok` experts a token is routed to (active parameters)."""
     h = hf["hidden_size"]
     heads = hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or heads
     d = hf.get("head_dim") or h // heads
-    ffn = hf["intermediate_size"]
-    per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * ffn
-    return per_layer * hf["num_hidden_layers"] + h * hf["vocab_size"]
+    attention = h * heads * d * 2 + h * kv * d * 2
+    dense_mlp = 3 * h * hf["intermediate_size"]
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    total = h * hf["vocab_size"]
+    if not experts:
+        return total + (attention + dense_mlp) * hf["num_hidden_layers"]
+    from megatune.models.qwen3_moe import moe_layer_freq
+
+    routed = h * experts + hf["num_experts_per_tok"] * 3 * h * hf["moe_intermediate_size"]
+    for sparse in moe_layer_freq(hf):
+        total += attention + (routed if sparse else dense_mlp)
+    return total
 
 
 def step_flops(hf: dict, doc_lens: list[int]) -> float:
