@@ -103,6 +103,9 @@ LAYOUTS = {
     "tp2": dict(nproc_per_node=2, tensor_model_parallel_size=2),
     "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2),
+    # overlapped grad reduce / param gather (parameters arrive lazily) and full activation recompute
+    "dp2_overlap_recompute": dict(nproc_per_node=2, overlap_grad_reduce=True, overlap_param_gather=True,
+                                  recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "pp2_vpp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
 }
 
@@ -300,3 +303,21 @@ def test_refusals(tmp_path, model_dir):
     assert result.returncode == 2 and "already holds checkpoints [3]; set resume_from_checkpoint: auto" in result.stderr
     result = run_megatune("train", str(config), "--resume_from_checkpoint", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "is not a complete megatune checkpoint" in result.stderr
+
+
+def test_pretraining_stage_packs_text_into_cutoff_blocks(tmp_path, model_dir):
+    """stage: pt on plain text: every sequence is a full cutoff_len block, all tokens learned."""
+    data = tmp_path / "data"
+    data.mkdir()
+    words = "the model learns from data one token at a time".split()
+    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(40))} for i in range(30)]
+    (data / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "dataset_info.json").write_text(json.dumps({"corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}}))
+    config, values = write_config(tmp_path, model_dir, stage="pt", dataset="corpus", dataset_dir=str(data),
+                                  cutoff_len=64, max_steps=3, template=None)
+    result = train(config)
+    assert "truncated=0" in result.stdout
+    rows = log_rows(tmp_path / "out")
+    # 2 sequences of 64 tokens per step, every position but each block's last is a target
+    assert [r["loss_tokens"] for r in rows] == [2 * 63] * 3
+    assert rows[-1]["loss"] < rows[0]["loss"]
