@@ -1,8 +1,10 @@
 """Qwen3-MoE: parity with transformers under expert, tensor(+sequence) and pipeline parallelism,
 bit-exact export round trips, and a short expert-parallel training run whose loss falls.
 
-Experts run on Megatron's SequentialMLP (`moe_grouped_gemm: false`), with the allgather and
-the alltoall token dispatchers (the latter through compat/cpu.py's dispatcher patches).
+Experts run on Megatron's SequentialMLP (`moe_grouped_gemm: false`) and on megatune's
+GroupedExperts (`moe_grouped_gemm: true`, layers/experts.py; its per-expert matmul path on CPU),
+with the allgather and the alltoall token dispatchers (the latter through compat/cpu.py's
+dispatcher patches).
 """
 
 import json
@@ -15,6 +17,11 @@ from tests.conftest import REPO, run_megatune
 from tests.test_verify import all_tensors, parse_diffs
 
 MOE = ["--moe_grouped_gemm", "false", "--moe_token_dispatcher_type", "allgather"]
+GROUPED = ["--moe_grouped_gemm", "true", "--moe_token_dispatcher_type", "allgather"]
+EXPERTS = {  # flags, and what the run says computes the experts
+    "sequential": (MOE, "MoE experts: Megatron SequentialMLP"),
+    "grouped": (GROUPED, "MoE experts: megatune GroupedExperts"),
+}
 ALLTOALL = ["--moe_token_dispatcher_type", "alltoall"]
 LAYOUTS = {
     "ep1": [],
@@ -30,12 +37,14 @@ def moe_model(tmp_path_factory):
     return make_tiny_model("qwen3_moe", str(tmp_path_factory.mktemp("moe") / "tiny"), seed=5, with_tokenizer=True)
 
 
+@pytest.mark.parametrize("experts", EXPERTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_qwen3_moe_matches_transformers_and_round_trips(moe_model, layout, tmp_path):
-    result = run_megatune("verify", "--model_name_or_path", moe_model, *MOE, *LAYOUTS[layout],
+def test_qwen3_moe_matches_transformers_and_round_trips(moe_model, layout, experts, tmp_path):
+    flags, says = EXPERTS[experts]
+    result = run_megatune("verify", "--model_name_or_path", moe_model, *flags, *LAYOUTS[layout],
                           "--export_path", str(tmp_path / "export"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MoE experts: Megatron SequentialMLP" in result.stdout
+    assert says in result.stdout
     diffs = parse_diffs(result.stdout)
     assert diffs["max_abs_diff"] <= 1e-4
     source, exported = all_tensors(moe_model), all_tensors(tmp_path / "export")
@@ -61,8 +70,9 @@ def test_moe_config_translation(moe_model):
     assert transformer_config(load_config(None, {}), hf, get_family(hf)).moe_aux_loss_coeff == hf["router_aux_loss_coef"]
 
 
-def test_expert_parallel_training_loss_falls(moe_model, tmp_path):
-    args = ["train", "--model_name_or_path", moe_model, *MOE, *ALLTOALL, "--expert_model_parallel_size", "2",
+@pytest.mark.parametrize("experts", EXPERTS)
+def test_expert_parallel_training_loss_falls(moe_model, experts, tmp_path):
+    args = ["train", "--model_name_or_path", moe_model, *EXPERTS[experts][0], *ALLTOALL, "--expert_model_parallel_size", "2",
             "--nproc_per_node", "2", "--dataset", "megatune_identity", "--dataset_dir", str(REPO / "data"),
             "--template", "qwen3_nothink", "--cutoff_len", "96", "--max_steps", "12", "--learning_rate", "3e-3",
             "--logging_steps", "1", "--save_steps", "6", "--output_dir", str(tmp_path / "out")]

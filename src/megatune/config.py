@@ -431,17 +431,6 @@ def _model_problems(config: Config, hf: dict) -> list[str]:
                 "MoE models with tensor_model_parallel_size > 1 need sequence_parallel: true "
                 "(a Megatron-core requirement)"
             )
-        from megatune.layers.spec import te_usable
-
-        if p.moe_grouped_gemm and not te_usable():
-            import torch
-
-            if torch.cuda.is_available():
-                problems.append(
-                    "moe_grouped_gemm: true needs Transformer Engine here (megatune's own grouped-GEMM "
-                    "experts are not built yet); install megatune[te], or set moe_grouped_gemm: false to "
-                    "run Megatron's per-expert loop, which is much slower"
-                )
     elif p.expert_model_parallel_size > 1:
         problems.append(
             f"expert_model_parallel_size={p.expert_model_parallel_size} but the model has no experts"

@@ -26,6 +26,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatune.layers.attention import SDPAttention
+from megatune.layers.experts import GroupedExperts, grouped_mm_fn
 from megatune.layers.norm import RMSNorm
 
 
@@ -50,8 +51,17 @@ def choose_backend() -> Backend:
         "torch",
         "torch scaled_dot_product_attention",
         "megatune RMSNorm (fp32, sequence-parallel aware)",
-        "Megatron SequentialMLP (a loop over local experts; grouped GEMM without TE is not built yet)",
+        "megatune GroupedExperts on torch grouped_mm (bf16; per-expert matmul otherwise)"
+        if torch.cuda.is_available() and grouped_mm_fn() is not None
+        else "megatune GroupedExperts, per-expert matmul fallback (torch grouped_mm runs on CUDA bf16)",
     )
+
+
+def moe_experts_description(moe_grouped_gemm: bool) -> str:
+    """What the MoE layers run their experts on, given the `moe_grouped_gemm` setting."""
+    if te_usable() or moe_grouped_gemm:
+        return choose_backend().moe_experts
+    return "Megatron SequentialMLP (a loop over local experts; moe_grouped_gemm: false)"
 
 
 def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
@@ -76,12 +86,24 @@ def decoder_spec(config: TransformerConfig, qk_layernorm: bool, vp_stage: int | 
     moe = moe_layer_pattern(config)
     layers = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage))
     return TransformerBlockSubmodules(
-        layer_specs=[torch_native_layer_spec(qk_layernorm, config.num_moe_experts if moe[i] else None) for i in layers],
+        layer_specs=[
+            torch_native_layer_spec(qk_layernorm, config.num_moe_experts if moe[i] else None, config.moe_grouped_gemm)
+            for i in layers
+        ],
         layer_norm=RMSNorm,
     )
 
 
-def torch_native_layer_spec(qk_layernorm: bool, num_experts: int | None = None) -> ModuleSpec:
+def moe_spec(num_experts: int, grouped_gemm: bool) -> ModuleSpec:
+    """Megatron's MoE layer; experts on megatune's GroupedExperts (grouped GEMM) or, with
+    `moe_grouped_gemm: false`, on Megatron's SequentialMLP (a Python loop over experts)."""
+    spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+    if grouped_gemm:
+        spec.submodules.experts = ModuleSpec(module=GroupedExperts, submodules=spec.submodules.experts.submodules)
+    return spec
+
+
+def torch_native_layer_spec(qk_layernorm: bool, num_experts: int | None = None, grouped_gemm: bool = False) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -106,7 +128,7 @@ def torch_native_layer_spec(qk_layernorm: bool, num_experts: int | None = None) 
                 ),
             )
             if num_experts is None
-            else get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False),
+            else moe_spec(num_experts, grouped_gemm),
             mlp_bda=get_bias_dropout_add,
         ),
     )

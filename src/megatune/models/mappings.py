@@ -183,3 +183,89 @@ class FusedGateUp(Mapping):
             _fmt(self.gate, layer): torch.cat(gates, dim=0),
             _fmt(self.up, layer): torch.cat(ups, dim=0),
         }
+
+
+# ---- stacked experts (megatune GroupedExperts) ------------------------------------------------
+#
+# One Megatron tensor holds every local expert of a layer: [num_local_experts, out, in]. The HF
+# names carry `{expert}` (the global index); `first_expert`/`num_experts` are this EP rank's
+# experts, filled in by the loader (`for_local_experts`). The tensor-parallel rank/size passed to
+# `load` are the expert-tensor-parallel ones, which shard the FFN dim.
+
+
+def for_local_experts(mapping: "StackedMapping", first: int, count: int) -> "StackedMapping":
+    return dataclasses.replace(mapping, first_expert=first, num_experts=count)
+
+
+class StackedMapping(Mapping):
+    stacked = True  # covers all local experts at once (see models/weights.py resolve)
+    first_expert: int = 0
+    num_experts: int = 0
+
+    def _experts(self):
+        return range(self.first_expert, self.first_expert + self.num_experts)
+
+
+def _expert_name(name: str, layer: int | None, expert: int) -> str:
+    return _fmt(name.replace("{expert}", str(expert)), layer)
+
+
+@dataclass(frozen=True)
+class StackedGateUp(StackedMapping):
+    """HF per-expert gate/up projections [ffn, hidden] <-> [local experts, 2*ffn/etp, hidden],
+    each expert holding [gate_r; up_r] of its ETP rank (as Megatron's fc1)."""
+
+    megatron: str
+    gate: str
+    up: str
+    tp_dim: int | None = 1
+    first_expert: int = 0
+    num_experts: int = 0
+
+    def hf_names(self):
+        return (self.gate, self.up)
+
+    def load(self, src, layer, rank, size, shapes):
+        experts = []
+        for e in self._experts():
+            parts = []
+            for name in (_expert_name(self.gate, layer, e), _expert_name(self.up, layer, e)):
+                start, stop = _chunk(src.read_shape(name)[0], rank, size, name)
+                parts.append(src.read(name, 0, start, stop))
+            experts.append(torch.cat(parts, dim=0))
+        return torch.stack(experts)
+
+    def unshard(self, shards, layer, shapes):
+        gates, ups = zip(*(torch.chunk(s, 2, dim=1) for s in shards))
+        gate, up = torch.cat(gates, dim=1), torch.cat(ups, dim=1)
+        out = {}
+        for i, e in enumerate(self._experts()):
+            out[_expert_name(self.gate, layer, e)] = gate[i].contiguous()
+            out[_expert_name(self.up, layer, e)] = up[i].contiguous()
+        return out
+
+
+@dataclass(frozen=True)
+class StackedDown(StackedMapping):
+    """HF per-expert down projections [hidden, ffn] <-> [local experts, hidden, ffn/etp]."""
+
+    megatron: str
+    hf: str
+    tp_dim: int | None = 2
+    first_expert: int = 0
+    num_experts: int = 0
+
+    def hf_names(self):
+        return (self.hf,)
+
+    def load(self, src, layer, rank, size, shapes):
+        experts = []
+        for e in self._experts():
+            name = _expert_name(self.hf, layer, e)
+            start, stop = _chunk(src.read_shape(name)[1], rank, size, name)
+            experts.append(src.read(name, 1, start, stop))
+        return torch.stack(experts)
+
+    def unshard(self, shards, layer, shapes):
+        full = torch.cat(shards, dim=2)
+        return {_expert_name(self.hf, layer, e): full[i].contiguous() for i, e in enumerate(self._experts())}

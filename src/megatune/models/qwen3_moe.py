@@ -7,9 +7,10 @@ renormalised probabilities exactly; without `norm_topk_prob` it must softmax fir
 """
 
 from megatune.models.family import Family, check_no_attention_bias, check_rope, dense_decoder_mappings
-from megatune.models.mappings import FusedGateUp, Replicated, RowParallel
+from megatune.models.mappings import FusedGateUp, Replicated, RowParallel, StackedDown, StackedGateUp
 
 _EXPERT = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}"
+_GROUPED = "decoder.layers.{layer}.mlp.experts"
 _HF_EXPERT = "model.layers.{layer}.mlp.experts.{expert}"
 
 
@@ -32,7 +33,7 @@ def moe_kwargs(hf: dict, config) -> dict:
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0) if coeff is None else coeff,
         moe_router_dtype="fp32",
-        moe_grouped_gemm=False,  # Megatron's SequentialMLP; see layers/spec.py
+        moe_grouped_gemm=config.parallel.moe_grouped_gemm,  # GroupedExperts or SequentialMLP; layers/spec.py
         moe_permute_fusion=False,
     )
 
@@ -45,6 +46,9 @@ FAMILY = Family(
         Replicated("decoder.layers.{layer}.mlp.router.weight", "model.layers.{layer}.mlp.gate.weight"),
         FusedGateUp(f"{_EXPERT}.linear_fc1.weight", f"{_HF_EXPERT}.gate_proj.weight", f"{_HF_EXPERT}.up_proj.weight"),
         RowParallel(f"{_EXPERT}.linear_fc2.weight", f"{_HF_EXPERT}.down_proj.weight"),
+        # megatune GroupedExperts (moe_grouped_gemm: true): all local experts in one tensor
+        StackedGateUp(f"{_GROUPED}.weight1", f"{_HF_EXPERT}.gate_proj.weight", f"{_HF_EXPERT}.up_proj.weight"),
+        StackedDown(f"{_GROUPED}.weight2", f"{_HF_EXPERT}.down_proj.weight"),
     ),
     qk_layernorm=True,
     checks=(check_rope, check_no_attention_bias),

@@ -24,7 +24,7 @@ from megatune.models.hf_io import (
     finalize_shards,
     write_side_files,
 )
-from megatune.models.mappings import Mapping, for_expert
+from megatune.models.mappings import Mapping, for_expert, for_local_experts
 
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 # Transformer Engine fuses the pre-attention/pre-MLP norms into the next linear.
@@ -65,12 +65,14 @@ def resolve(bundle: ModelBundle, name: str) -> Resolved:
         if match:
             groups = match.groupdict()
             layer = int(groups["layer"]) if groups.get("layer") is not None else None
+            per_rank = (bundle.config.num_moe_experts or 0) // ps.get_expert_model_parallel_world_size()
+            first = ps.get_expert_model_parallel_rank() * per_rank
+            if getattr(mapping, "stacked", False):  # one tensor holds all of this EP rank's experts
+                return Resolved(for_local_experts(mapping, first, per_rank), layer, True)
             if groups.get("expert") is None:
                 return Resolved(mapping, layer, False)
             local = int(groups["expert"])
-            per_rank = bundle.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
-            global_index = ps.get_expert_model_parallel_rank() * per_rank + local
-            return Resolved(for_expert(mapping, local, global_index), layer, True)
+            return Resolved(for_expert(mapping, local, first + local), layer, True)
     raise KeyError(f"no {bundle.family.model_type} mapping for Megatron parameter '{name}'")
 
 
