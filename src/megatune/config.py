@@ -111,6 +111,10 @@ class ParallelSection:
     moe_grouped_gemm: bool = True
     moe_token_dispatcher_type: str = "alltoall"
     moe_aux_loss_coeff: Optional[float] = None
+    moe_expert_capacity_factor: Optional[float] = None  # None: no token dropping
+    moe_token_drop_policy: str = "probs"
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_log_load: bool = False  # log each MoE layer's share of tokens per expert in trainer_log.jsonl
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
@@ -141,6 +145,7 @@ CHOICES = {
     "lr_scheduler_type": ("constant", "constant_with_warmup", "linear", "cosine"),
     "mix_strategy": ("concat", "interleave_under", "interleave_over"),
     "moe_token_dispatcher_type": ("alltoall", "allgather"),
+    "moe_token_drop_policy": ("probs", "position"),
     "recompute_granularity": (None, "full", "selective"),
     "recompute_method": (None, "uniform", "block"),
     "eval_strategy": ("no", "steps", "epoch"),

@@ -185,3 +185,44 @@ def moe_aux_loss(num_microbatches: int) -> float | None:
     replicas = dist.get_world_size() // ps.get_pipeline_model_parallel_world_size()
     clear_aux_losses_tracker()
     return float(values.sum()) / (replicas * max(layers, 1) * num_microbatches)
+
+
+class ExpertLoad:
+    """`moe_log_load`: tokens routed to each expert, per MoE layer, counted from the routers'
+    outputs (a forward hook on Megatron's TopKRouter) and summed over all ranks."""
+
+    def __init__(self, chunks):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.counts: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for chunk in chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    self.handles.append(module.register_forward_hook(self._record))
+
+    def _record(self, module, inputs, output) -> None:
+        if not module.training:
+            return
+        counts = output[1].sum(dim=0).detach().to(torch.float64)  # routing_map: [tokens, experts]
+        layer = module.layer_number  # global, 1-based
+        self.counts[layer] = self.counts.get(layer, 0) + counts
+
+    def report(self, num_layers: int, num_experts: int) -> dict[str, list[float]]:
+        """{"layer N": [share of routed tokens per expert]} since the last report. Collective:
+        every rank adds its counts (ranks without a layer add zeros)."""
+        import torch.distributed as dist
+
+        table = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        for layer, counts in self.counts.items():
+            table[layer - 1] += counts.cpu()
+        self.counts.clear()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        table = table.to(device)
+        dist.all_reduce(table)
+        out = {}
+        for i, row in enumerate(table.cpu()):
+            total = float(row.sum())
+            if total > 0:
+                out[f"layer {i + 1}"] = [round(float(x) / total, 4) for x in row]
+        return out

@@ -26,7 +26,7 @@ from megatune.data.collator import pad_multiple_for
 from megatune.data.processors import IGNORE, Sample
 from megatune.data.source import rank_share
 from megatune.engine import checkpoint as ckpt
-from megatune.engine.metrics import MetricsLog, Throughput, format_row, moe_aux_loss, peak_memory_gb, plot_loss
+from megatune.engine.metrics import ExpertLoad, MetricsLog, Throughput, format_row, moe_aux_loss, peak_memory_gb, plot_loss
 from megatune.engine.optim import build_optimizer, build_scheduler, schedule_problems, wrap_ddp
 from megatune.data.pipeline import apply_config_template_eos
 from megatune.models.hf_io import save_tokenizer
@@ -233,6 +233,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
     uniform = _needs_uniform_length(layout)
     eval_every = _eval_every(config, source.steps_per_epoch) if evals else None
     throughput = Throughput(bundle.hf, layout.world_size)
+    load = ExpertLoad(bundle.chunks) if config.parallel.moe_log_load and bundle.config.num_moe_experts else None
     window_loss = window_tokens = 0.0
     window_aux: list[float] = []  # MoE load-balancing loss of each step since the last row
     nonfinite_in_row = 0
@@ -281,6 +282,7 @@ def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, st
                 "epoch": state.step / source.steps_per_epoch if source.steps_per_epoch else None,
                 "loss": window_loss / window_tokens if window_tokens else math.nan,
                 **({"aux_loss": sum(window_aux) / len(window_aux)} if window_aux else {}),
+                **({"expert_load": load.report(bundle.config.num_layers, bundle.config.num_moe_experts)} if load else {}),
                 "lr": lr,
                 "grad_norm": last_grad_norm,
                 "loss_tokens": result.tokens,

@@ -55,7 +55,7 @@ def transformer_config(config: Config, hf: dict, family: Family) -> TransformerC
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         **dense_transformer_kwargs(hf, family),
-        **family.moe_kwargs(hf, config),
+        **_moe_options(family.moe_kwargs(hf, config), config),
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
@@ -85,6 +85,19 @@ def transformer_config(config: Config, hf: dict, family: Family) -> TransformerC
         calculate_per_token_loss=True,
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
     )
+
+
+def _moe_options(moe: dict, config: Config) -> dict:
+    """A MoE family's translated HF fields plus the run's token-dropping options."""
+    if not moe:
+        return moe
+    p = config.parallel
+    return {
+        **moe,
+        "moe_expert_capacity_factor": p.moe_expert_capacity_factor,
+        "moe_token_drop_policy": p.moe_token_drop_policy,
+        "moe_pad_expert_input_to_capacity": p.moe_pad_expert_input_to_capacity,
+    }
 
 
 def build_model(config: Config, model_dir: str) -> ModelBundle:
