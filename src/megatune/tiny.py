@@ -17,6 +17,28 @@ TINY_MOE = dict(
     head_dim=16,
 )
 
+# A tiny Mixtral: 4 experts (of intermediate_size), top-2, every layer sparse, full attention.
+TINY_MIXTRAL = dict(
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    intermediate_size=48,
+    sliding_window=None,
+)
+
+# A tiny Qwen2-MoE: 4 experts, top-2, no renormalisation (as Qwen1.5-MoE), a gated shared expert
+# of its own width, layer 2 dense (mlp_only_layers).
+TINY_QWEN2_MOE = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[2],
+)
+
+TINY_PRESETS = {"qwen3_moe": TINY_MOE, "mixtral": TINY_MIXTRAL, "qwen2_moe": TINY_QWEN2_MOE}
+
 TINY_SHAPE = dict(
     vocab_size=256,
     hidden_size=64,
@@ -35,9 +57,8 @@ def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, with_tokenizer
 
     from megatune.tiny_tokenizer import VOCAB_SIZE, make_tiny_tokenizer
 
-    kwargs = {**TINY_SHAPE, **({"vocab_size": VOCAB_SIZE} if with_tokenizer else {}), **overrides}
-    if model_type == "qwen3_moe":
-        kwargs = {**TINY_MOE, **kwargs}
+    vocab = {"vocab_size": VOCAB_SIZE} if with_tokenizer else {}
+    kwargs = {**TINY_SHAPE, **vocab, **TINY_PRESETS.get(model_type, {}), **overrides}
     if model_type == "qwen3":
         kwargs.setdefault("head_dim", 32)  # explicit head_dim != hidden/heads, as in real Qwen3
     config = AutoConfig.for_model(model_type, **kwargs)
@@ -50,7 +71,8 @@ def make_tiny_model(model_type: str, out_dir: str, seed: int = 0, with_tokenizer
                 param.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 param.normal_(0, 0.1)
-            elif name.endswith("mlp.gate.weight"):  # MoE router: decisive routing, no near-ties
+            elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+                # MoE router: decisive routing, no near-ties; shared-expert gate: far from 0.5
                 param.normal_(0, 0.5)
     model.save_pretrained(out_dir)
     if with_tokenizer:

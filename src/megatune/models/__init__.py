@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from megatune.models import llama, qwen2, qwen3, qwen3_moe
+from megatune.models import llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
 from megatune.models.family import Family, UnsupportedModelError
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    llama.FAMILY, mixtral.FAMILY, qwen2.FAMILY, qwen2_moe.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY
+)}
 
 
 def get_family(hf: dict, where: str = "config.json") -> Family:

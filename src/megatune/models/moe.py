@@ -1,0 +1,85 @@
+"""What the mixture-of-experts families share: the config translation and the expert mappings.
+
+Routing in HF (Qwen2-MoE, Qwen3-MoE, Mixtral): softmax over all experts (fp32), top-k, then
+renormalise the k probabilities (always in Mixtral, when `norm_topk_prob` in the Qwens).
+Megatron's default order (top-k on the logits, softmax over those k) gives the renormalised
+probabilities exactly; without renormalisation it must softmax first (`moe_router_pre_softmax`).
+"""
+
+from __future__ import annotations
+
+from megatune.models.mappings import FusedGateUp, Mapping, Replicated, RowParallel, StackedDown, StackedGateUp
+
+_EXPERT = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}"
+_GROUPED = "decoder.layers.{layer}.mlp.experts"
+_SHARED = "decoder.layers.{layer}.mlp.shared_experts"
+
+
+def num_experts(hf: dict) -> int:
+    # transformers 5 names it num_experts in every family's config dict; older files say
+    # num_local_experts (Mixtral, on disk to this day)
+    return hf.get("num_experts") or hf["num_local_experts"]
+
+
+def moe_layer_freq(hf: dict) -> list[int]:
+    """Qwen MoEs: layer i is sparse unless listed in mlp_only_layers, and only every
+    decoder_sparse_step-th (1-based). Without those fields every layer is sparse (Mixtral)."""
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or [])
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(hf["num_hidden_layers"])]
+
+
+def moe_kwargs(
+    hf: dict,
+    config,
+    *,
+    expert_ffn: int,
+    renormalise: bool,
+    shared_expert_ffn: int | None = None,
+    shared_expert_gate: bool = False,
+) -> dict:
+    """Megatron TransformerConfig MoE kwargs; `config` is the run config (YAML overrides)."""
+    coeff = config.parallel.moe_aux_loss_coeff
+    out = dict(
+        num_moe_experts=num_experts(hf),
+        moe_router_topk=hf["num_experts_per_tok"],
+        moe_ffn_hidden_size=expert_ffn,
+        moe_layer_freq=moe_layer_freq(hf),
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not renormalise,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0) if coeff is None else coeff,
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=config.parallel.moe_grouped_gemm,  # GroupedExperts or SequentialMLP; layers/spec.py
+        moe_permute_fusion=False,
+    )
+    if shared_expert_ffn:
+        out.update(moe_shared_expert_intermediate_size=shared_expert_ffn, moe_shared_expert_gate=shared_expert_gate)
+    return out
+
+
+def expert_mappings(router: str, hf_expert: str, gate: str, up: str, down: str) -> tuple[Mapping, ...]:
+    """Router and routed experts. `hf_expert` is the HF prefix of expert `{expert}` of layer
+    `{layer}`; gate/up/down the names of its three weights under it."""
+    g, u, d = (f"{hf_expert}.{n}.weight" for n in (gate, up, down))
+    return (
+        Replicated("decoder.layers.{layer}.mlp.router.weight", router),
+        # Megatron SequentialMLP (moe_grouped_gemm: false): one MLP per local expert
+        FusedGateUp(f"{_EXPERT}.linear_fc1.weight", g, u),
+        RowParallel(f"{_EXPERT}.linear_fc2.weight", d),
+        # megatune GroupedExperts (moe_grouped_gemm: true): all local experts in one tensor
+        StackedGateUp(f"{_GROUPED}.weight1", g, u),
+        StackedDown(f"{_GROUPED}.weight2", d),
+    )
+
+
+def shared_expert_mappings(hf_shared: str, hf_gate: str | None) -> tuple[Mapping, ...]:
+    """Megatron SharedExpertMLP (tensor-parallel like a dense MLP; `gate_weight` [1, hidden],
+    output scaled by sigmoid(x @ gate_weight^T), as HF's shared_expert_gate)."""
+    out: tuple[Mapping, ...] = (
+        FusedGateUp(f"{_SHARED}.linear_fc1.weight", f"{hf_shared}.gate_proj.weight", f"{hf_shared}.up_proj.weight"),
+        RowParallel(f"{_SHARED}.linear_fc2.weight", f"{hf_shared}.down_proj.weight"),
+    )
+    if hf_gate:
+        out += (Replicated(f"{_SHARED}.gate_weight", hf_gate),)
+    return out
