@@ -98,16 +98,19 @@ def test_own_adam_steps_unshares_the_step_tensor():
     assert float(steps[1]) == 3.0  # advancing one no longer advances the other
 
 
-def test_moe_matmul_params_count_active_experts_only(tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_moe_matmul_params_count_active_experts_only(tmp_path, model_type):
     from transformers import AutoModelForCausalLM
 
+    from megatune.models.moe import moe_layer_freq
     from megatune.tiny import make_tiny_model
 
-    make_tiny_model("qwen3_moe", str(tmp_path))
+    make_tiny_model(model_type, str(tmp_path))
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
     hf = model.config.to_dict()
     everything = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n)
-    per_expert = 3 * hf["hidden_size"] * hf["moe_intermediate_size"]
-    sparse_layers = 3  # 4 layers, layer 1 dense (mlp_only_layers)
-    inactive = sparse_layers * (hf["num_local_experts"] - hf["num_experts_per_tok"]) * per_expert
+    per_expert = 3 * hf["hidden_size"] * (hf.get("moe_intermediate_size") or hf["intermediate_size"])
+    sparse_layers = sum(moe_layer_freq(hf))
+    assert 0 < sparse_layers
+    inactive = sparse_layers * (hf["num_local_experts" if "num_local_experts" in hf else "num_experts"] - hf["num_experts_per_tok"]) * per_expert
     assert matmul_params(hf) == everything - inactive

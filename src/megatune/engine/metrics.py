@@ -29,13 +29,17 @@ def matmul_params(hf: dict) -> int:
     d = hf.get("head_dim") or h // heads
     attention = h * heads * d * 2 + h * kv * d * 2
     dense_mlp = 3 * h * hf["intermediate_size"]
-    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    from megatune.models.moe import moe_layer_freq, num_experts
+
+    experts = num_experts(hf) if (hf.get("num_experts") or hf.get("num_local_experts")) else 0
     total = h * hf["vocab_size"]
     if not experts:
         return total + (attention + dense_mlp) * hf["num_hidden_layers"]
-    from megatune.models.qwen3_moe import moe_layer_freq
-
-    routed = h * experts + hf["num_experts_per_tok"] * 3 * h * hf["moe_intermediate_size"]
+    expert_ffn = hf.get("moe_intermediate_size") or hf["intermediate_size"]  # Mixtral: intermediate_size
+    shared_ffn = hf.get("shared_expert_intermediate_size") or 0  # Qwen2-MoE: always-on shared expert
+    routed = h * experts + hf["num_experts_per_tok"] * 3 * h * expert_ffn
+    if shared_ffn:
+        routed += 3 * h * shared_ffn + h  # + its sigmoid gate
     for sparse in moe_layer_freq(hf):
         total += attention + (routed if sparse else dense_mlp)
     return total
