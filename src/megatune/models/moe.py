@@ -73,6 +73,12 @@ def expert_mappings(router: str, hf_expert: str, gate: str, up: str, down: str) 
     )
 
 
+# Qwen2-MoE and Qwen3-MoE name their router and experts alike.
+QWEN_EXPERT_MAPPINGS = expert_mappings(
+    "model.layers.{layer}.mlp.gate.weight", "model.layers.{layer}.mlp.experts.{expert}", "gate_proj", "up_proj", "down_proj"
+)
+
+
 def shared_expert_mappings(hf_shared: str, hf_gate: str | None) -> tuple[Mapping, ...]:
     """Megatron SharedExpertMLP (tensor-parallel like a dense MLP; `gate_weight` [1, hidden],
     output scaled by sigmoid(x @ gate_weight^T), as HF's shared_expert_gate)."""

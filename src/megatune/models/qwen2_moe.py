@@ -33,9 +33,7 @@ FAMILY = Family(
     model_type="qwen2_moe",
     rotary_embedding="transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeRotaryEmbedding",
     mappings=dense_decoder_mappings(qkv_bias=True, qk_norm=False)
-    + moe.expert_mappings(
-        "model.layers.{layer}.mlp.gate.weight", "model.layers.{layer}.mlp.experts.{expert}", "gate_proj", "up_proj", "down_proj"
-    )
+    + moe.QWEN_EXPERT_MAPPINGS
     + moe.shared_expert_mappings("model.layers.{layer}.mlp.shared_expert", "model.layers.{layer}.mlp.shared_expert_gate.weight"),
     qkv_bias=lambda hf: bool(hf.get("qkv_bias", True)),
     checks=(check_rope, check_no_sliding_window),

@@ -17,9 +17,7 @@ FAMILY = Family(
     model_type="qwen3_moe",
     rotary_embedding="transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeRotaryEmbedding",
     mappings=dense_decoder_mappings(qkv_bias=False, qk_norm=True)
-    + moe.expert_mappings(
-        "model.layers.{layer}.mlp.gate.weight", "model.layers.{layer}.mlp.experts.{expert}", "gate_proj", "up_proj", "down_proj"
-    ),
+    + moe.QWEN_EXPERT_MAPPINGS,
     qk_layernorm=True,
     checks=(check_rope, check_no_attention_bias),
     moe_kwargs=moe_kwargs,
