@@ -1,6 +1,7 @@
 """Mixtral and Qwen2-MoE: parity with transformers and bit-exact export round trips under expert
-parallelism (alltoall dispatcher, megatune GroupedExperts) and tensor+sequence parallelism
-(Megatron SequentialMLP), plus one single-process run each; and the config translation.
+parallelism (alltoall dispatcher, megatune GroupedExperts), tensor+sequence parallelism (Megatron
+SequentialMLP) and pipeline parallelism, plus one single-process run each; and the config
+translation.
 
 On disk (transformers 5 save_pretrained): Mixtral keeps `block_sparse_moe.gate` and per-expert
 `block_sparse_moe.experts.{E}.w1/w3/w2`; Qwen2-MoE keeps per-expert `mlp.experts.{E}.*_proj`,
@@ -20,6 +21,10 @@ LAYOUTS = {
                      "--expert_model_parallel_size", "2", "--nproc_per_node", "2"],
     "tp2_sp": ["--moe_grouped_gemm", "false", "--moe_token_dispatcher_type", "allgather",
                "--tensor_model_parallel_size", "2", "--sequence_parallel", "true", "--nproc_per_node", "2"],
+    # 2 layers per stage: Qwen2-MoE's dense layer 2 opens stage 1, so the layer pattern must be
+    # read with the stage's offset
+    "pp2": ["--moe_grouped_gemm", "true", "--moe_token_dispatcher_type", "alltoall",
+            "--pipeline_model_parallel_size", "2", "--nproc_per_node", "2"],
 }
 EXPECTED = {  # an HF tensor that only a correct expert/shared-expert mapping writes
     "mixtral": "model.layers.3.block_sparse_moe.experts.3.w2.weight",
