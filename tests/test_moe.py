@@ -1,5 +1,7 @@
 """Qwen3-MoE: parity with transformers under expert, tensor(+sequence) and pipeline parallelism,
-bit-exact export round trips, and a short expert-parallel training run whose loss falls.
+bit-exact export round trips, a training step whose gradient (LM loss plus load-balancing loss)
+equals a reference computed on transformers' model, and a short expert-parallel training run
+whose loss falls.
 
 Experts run on Megatron's SequentialMLP (`moe_grouped_gemm: false`) and on megatune's
 GroupedExperts (`moe_grouped_gemm: true`, layers/experts.py; its per-expert matmul path on CPU),
@@ -88,3 +90,94 @@ def test_expert_parallel_training_loss_falls(moe_model, experts, tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     final, resharded = all_tensors(tmp_path / "out"), all_tensors(tmp_path / "ep1")
     assert all(torch.equal(final[k], resharded[k]) for k in final)  # EP=2 checkpoint -> EP=1
+
+
+AUX_RUN = dict(
+    stage="sft", dataset="megatune_identity,megatune_chat", dataset_dir=str(REPO / "data"), template="qwen3_nothink",
+    cutoff_len=96, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.0, max_steps=1,
+    logging_steps=1, save_steps=1000, seed=7, moe_aux_loss_coeff=0.5, moe_grouped_gemm=True,
+    moe_token_dispatcher_type="alltoall", moe_log_load=True,
+)
+AUX_LAYOUTS = {
+    "ep1": dict(nproc_per_node=1),
+    # full activation recompute: every router runs again in the backward pass
+    "ep2_recompute": dict(nproc_per_node=2, expert_model_parallel_size=2, recompute_granularity="full",
+                          recompute_method="uniform", recompute_num_layers=1),
+    "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True),
+    # the second stage slices the padding mask for sequence parallelism itself (engine/step.py)
+    "tp2_sp_pp2": dict(nproc_per_node=4, tensor_model_parallel_size=2, sequence_parallel=True,
+                       pipeline_model_parallel_size=2),
+}
+
+
+def reference_step(model_dir, values):
+    """LM loss, load-balancing loss, grad norm and expert load (share of routed tokens per
+    expert, per MoE layer) of one step on transformers' Qwen3-MoE.
+
+    The objective megatune should differentiate: the token-mean LM loss over the global batch
+    plus, for every MoE layer, the coefficient times Megatron's load-balancing loss of each
+    micro-batch, E/(k·T²)·Σ_e tokens_e·Σ_t p_te over its T non-padding tokens (p: softmax over
+    all experts, tokens_e: top-k choices), averaged over micro-batches weighted by T.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatune.config import derive_layout, load_config
+    from megatune.data.collator import collate
+    from megatune.data.pipeline import build_train_source
+
+    config = load_config(None, values)
+    layout = derive_layout(config, values["nproc_per_node"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = build_train_source(config, tokenizer, layout.global_batch_size)[0].next_global_batch()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    experts, k, coeff = model.config.num_experts, model.config.num_experts_per_tok, values["moe_aux_loss_coeff"]
+    lm = aux = torch.zeros(())
+    loss_tokens = tokens = 0
+    logged, load = [], {}
+    for start in range(0, len(batch), layout.micro_batch_size):
+        routers = []
+        for sample in batch[start:start + layout.micro_batch_size]:
+            b = collate([sample], tokenizer.pad_token_id)
+            out = model(input_ids=b.tokens, output_router_logits=True)
+            lm = lm + torch.nn.functional.cross_entropy(out.logits[0], b.labels[0], ignore_index=-100, reduction="sum")
+            loss_tokens += int((b.labels != -100).sum())
+            routers.append(out.router_logits)
+        for index, layer in enumerate(zip(*routers)):  # one MoE layer, every token of the micro-batch
+            logits = torch.cat(layer).float()
+            probs = torch.softmax(logits, dim=-1)
+            chosen = torch.zeros(experts).scatter_add_(0, logits.topk(k).indices.flatten(), torch.ones(logits.numel() // experts * k))
+            n = logits.shape[0]
+            balance = experts / (k * n * n) * (probs.sum(0) * chosen).sum()
+            aux = aux + coeff * balance * n
+            logged.append(balance.item())
+            load[index] = load.get(index, 0) + chosen
+        tokens += n
+    objective = lm / loss_tokens + aux / tokens
+    objective.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    shares = [(counts / counts.sum()).tolist() for _, counts in sorted(load.items())]
+    return (lm / loss_tokens).item(), sum(logged) / len(logged), norm.item(), tokens, loss_tokens, shares
+
+
+@pytest.mark.parametrize("layout", AUX_LAYOUTS)
+def test_training_step_with_load_balancing_loss_matches_reference(moe_model, layout, tmp_path):
+    """SFT batches with padding and prompt tokens: the load-balancing loss must leave padding out
+    and be a token mean whatever share of tokens carries LM loss (Megatron alone scales it by
+    tokens / loss tokens, compat/fixes.py)."""
+    import yaml
+
+    values = {**AUX_RUN, **AUX_LAYOUTS[layout], "model_name_or_path": moe_model, "output_dir": str(tmp_path / "out")}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
+    result = run_megatune("train", str(tmp_path / "run.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "MoE routing: load-balancing loss x 0.5 (from moe_aux_loss_coeff) per MoE layer, summed over 3 layers" in result.stdout
+    row = json.loads((tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()[0])
+    loss, balance, norm, tokens, loss_tokens, shares = reference_step(moe_model, values)
+    assert loss_tokens < 0.8 * tokens  # prompts carry no loss: the case Megatron gets wrong
+    assert row["loss_tokens"] == loss_tokens
+    assert row["loss"] == pytest.approx(loss, rel=1e-5)
+    assert row["aux_loss"] == pytest.approx(balance, rel=1e-5)
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert list(row["expert_load"]) == ["layer 1", "layer 3", "layer 4"]  # layer 2 is dense
+    for logged, expected in zip(row["expert_load"].values(), shares):
+        assert logged == pytest.approx(expected, abs=1e-4)  # rounded to 4 places in the log

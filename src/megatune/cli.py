@@ -182,12 +182,15 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
 
 
 def _say_moe_path(config) -> None:
-    """MoE runs say which expert implementation computes them (never a silent slow path)."""
+    """MoE runs say which expert implementation computes them (never a silent slow path) and how
+    hard the load-balancing loss pushes."""
     hf = read_hf_config(config.model.model_name_or_path)
     if hf.get("num_experts") or hf.get("num_local_experts"):
         from megatune.layers.spec import moe_experts_description
+        from megatune.models.moe import aux_loss_description
 
         print(f"megatune: MoE experts: {moe_experts_description(config.parallel.moe_grouped_gemm)}", flush=True)
+        print(f"megatune: MoE routing: {aux_loss_description(hf, config)}", flush=True)
 
 
 def _export_config(yaml_path, extras: dict, overrides: dict):

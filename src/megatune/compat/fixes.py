@@ -56,6 +56,25 @@ def _define_te_general_gemm(moe_utils):
     return moe_utils
 
 
+class AuxLossShare:
+    """Loss tokens / non-padding tokens of the current step, set by engine/step.py."""
+
+    value = 1.0
+
+
+def _aux_loss_token_mean(original):
+    """With `calculate_per_token_loss`, the router multiplies each micro-batch's
+    load-balancing loss by its token count and finalize_model_grads divides every gradient by
+    the step's loss-token count, so the balancing pressure grows with the share of tokens that
+    carry no loss (SFT prompts). Megatron's schedule sets this scale for every micro-batch;
+    fold in loss tokens / tokens, which turns the result into the token mean it intends."""
+
+    def set_loss_scale(scale):
+        return original(scale * AuxLossShare.value)
+
+    return staticmethod(set_loss_scale)
+
+
 FIXES: list[Patch] = [
     Patch(
         "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer",
@@ -78,6 +97,13 @@ FIXES: list[Patch] = [
         "without Transformer Engine every MoE router call fails: "
         "moe_utils.RouterGatingLinearFunction.forward reads the undefined te_general_gemm "
         "(NameError).",
+    ),
+    Patch(
+        "megatron.core.transformer.moe.moe_utils:MoEAuxLossAutoScaler",
+        "set_loss_scale",
+        _aux_loss_token_mean,
+        "with per-token loss, the MoE load-balancing gradient is multiplied by tokens / loss "
+        "tokens (several times too strong for SFT).",
     ),
 ]
 

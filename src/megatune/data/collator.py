@@ -20,6 +20,14 @@ class Batch:
     labels: torch.Tensor  # [b, s] next-token targets, IGNORE where no loss
     position_ids: torch.Tensor  # [b, s]
     cu_seqlens: torch.Tensor | None = None  # [docs + 1] int32, packed ("thd") batches only
+    lengths: torch.Tensor | None = None  # [b] real tokens per row; right padding follows
+
+    @property
+    def padding_mask(self) -> torch.Tensor | None:
+        """[b, s] True at padding positions (Megatron's MoE routers leave those tokens out)."""
+        if self.lengths is None:
+            return None
+        return torch.arange(self.tokens.shape[1]).unsqueeze(0) >= self.lengths.unsqueeze(1)
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -58,7 +66,7 @@ def collate(samples: list[Sample], pad_id: int, pad_multiple: int = 1) -> Batch:
         tokens[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(shift_document(s.labels))
     positions = torch.arange(length).unsqueeze(0).expand(len(samples), -1).contiguous()
-    return Batch(tokens, labels, positions)
+    return Batch(tokens, labels, positions, lengths=torch.tensor([len(s.input_ids) for s in samples]))
 
 
 def collate_packed(samples: list[Sample], pad_id: int, pad_multiple: int = 1) -> Batch:
@@ -75,7 +83,8 @@ def collate_packed(samples: list[Sample], pad_id: int, pad_multiple: int = 1) ->
             positions += range(n)
             bounds.append(bounds[-1] + n)
             start += n
-    pad = _round_up(len(tokens), pad_multiple) - len(tokens)
+    real = len(tokens)
+    pad = _round_up(real, pad_multiple) - real
     if pad:
         tokens += [pad_id] * pad
         labels += [IGNORE] * pad
@@ -86,6 +95,7 @@ def collate_packed(samples: list[Sample], pad_id: int, pad_multiple: int = 1) ->
         torch.tensor([labels]),
         torch.tensor([positions]),
         torch.tensor(bounds, dtype=torch.int32),
+        torch.tensor([real]),
     )
 
 
@@ -103,7 +113,7 @@ def pad_to_length(batch: Batch, length: int, pad_id: int) -> Batch:
     labels = torch.cat([batch.labels, torch.full((rows, extra), IGNORE, dtype=batch.labels.dtype)], dim=1)
     if batch.cu_seqlens is None:
         positions = torch.arange(length).unsqueeze(0).expand(rows, -1).contiguous()
-        return Batch(tokens, labels, positions)
+        return Batch(tokens, labels, positions, lengths=batch.lengths)
     positions = torch.cat([batch.position_ids, torch.arange(extra).unsqueeze(0)], dim=1)
     bounds = torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + extra])
-    return Batch(tokens, labels, positions, bounds)
+    return Batch(tokens, labels, positions, bounds, batch.lengths)

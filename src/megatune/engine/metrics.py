@@ -173,8 +173,13 @@ class Throughput:
 def moe_aux_loss(num_microbatches: int) -> float | None:
     """The step's MoE load-balancing loss (before its coefficient), averaged over MoE layers,
     micro-batches and data-parallel ranks; None for dense models. Collective; clears Megatron's
-    tracker for the next step. (Megatron's own reduction averages with ReduceOp.AVG, which gloo
-    lacks, so the sum is taken here and divided.)"""
+    tracker for the next step.
+
+    Each rank's tracker holds its own stage's layers; under sequence (or context) parallelism a
+    rank's value is its share of the loss, which the tensor/context-parallel ranks add up
+    (Megatron's formula splits the mean probability over them). So: sum over every rank, then
+    divide by the data-parallel replicas. (Megatron's own reduction averages with
+    ReduceOp.AVG, which gloo lacks.)"""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
@@ -183,17 +188,15 @@ def moe_aux_loss(num_microbatches: int) -> float | None:
     if tracked is None:
         return None
     values = tracked["values"].detach().clone().float()
-    dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())  # each stage has its layers
+    dist.all_reduce(values)
     layers = int((values != 0).sum())
-    dist.all_reduce(values)  # then average over every replica of each layer
-    replicas = dist.get_world_size() // ps.get_pipeline_model_parallel_world_size()
     clear_aux_losses_tracker()
-    return float(values.sum()) / (replicas * max(layers, 1) * num_microbatches)
+    return float(values.sum()) / (ps.get_data_parallel_world_size() * max(layers, 1) * num_microbatches)
 
 
 class ExpertLoad:
     """`moe_log_load`: tokens routed to each expert, per MoE layer, counted from the routers'
-    outputs (a forward hook on Megatron's TopKRouter) and summed over all ranks."""
+    outputs (a forward hook on Megatron's TopKRouter), padding left out, summed over all ranks."""
 
     def __init__(self, chunks):
         from megatron.core.transformer.moe.router import TopKRouter
@@ -206,9 +209,15 @@ class ExpertLoad:
                     self.handles.append(module.register_forward_hook(self._record))
 
     def _record(self, module, inputs, output) -> None:
-        if not module.training:
+        # Under activation recompute the first forward runs without grad and the recomputation
+        # with it: count once, as Megatron's expert-bias update does.
+        if not module.training or not torch.is_grad_enabled():
             return
-        counts = output[1].sum(dim=0).detach().to(torch.float64)  # routing_map: [tokens, experts]
+        routing_map = output[1].detach()  # [tokens, experts]
+        padding = inputs[1] if len(inputs) > 1 else None  # [s, b], True at padding
+        if padding is not None:
+            routing_map = routing_map[~padding.reshape(-1)]
+        counts = routing_map.sum(dim=0).to(torch.float64)
         layer = module.layer_number  # global, 1-based
         self.counts[layer] = self.counts.get(layer, 0) + counts
 

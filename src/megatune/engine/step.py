@@ -14,8 +14,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from megatune.data.collator import Batch, collate, collate_packed, pad_to_length
+from megatune.compat.fixes import AuxLossShare
 from megatune.data.processors import IGNORE, Sample
 from megatune.engine.forward import packed_seq_params
 
@@ -70,6 +72,19 @@ def _loss_func(labels: torch.Tensor, output: torch.Tensor):
     return loss_sum, count, {"lm": torch.stack([loss_sum.detach(), count.detach().float()])}
 
 
+def _moe_padding_mask(batch: Batch, model, device) -> torch.Tensor | None:
+    """Padding positions for the MoE routers, so padding is neither routed nor counted in the
+    load-balancing loss. Megatron scatters the mask over sequence-parallel ranks only on the
+    first pipeline stage; later stages get their slice from us."""
+    config = get_model_config(model)
+    if not config.num_moe_experts or batch.padding_mask is None:
+        return None
+    mask = batch.padding_mask
+    if config.sequence_parallel and not get_attr_wrapped_model(model, "pre_process"):
+        mask = mask.chunk(ps.get_tensor_model_parallel_world_size(), dim=1)[ps.get_tensor_model_parallel_rank()]
+    return mask.to(device)
+
+
 def _forward_step(data_iterator, model):
     batch: Batch = next(data_iterator)
     device = _device()
@@ -80,6 +95,7 @@ def _forward_step(data_iterator, model):
         None,
         labels=torch.where(labels != IGNORE, labels, torch.zeros_like(labels)),
         packed_seq_params=packed_seq_params(batch, device),
+        padding_mask=_moe_padding_mask(batch, model, device),
     )
 
     def loss_func(out):
@@ -124,11 +140,27 @@ def _grads_finite(model: list) -> bool:
     return bad.item() == 0
 
 
+def _set_aux_loss_share(model: list, batches: list[Batch]) -> None:
+    """Megatron scales each micro-batch's load-balancing loss by its (non-padding) token count
+    and then, like every gradient, divides by the step's *loss* tokens; for SFT, where prompts
+    carry no loss, that inflates the balancing pressure by tokens / loss tokens. Multiply by
+    the inverse so the load-balancing loss is a token mean over the step, as Megatron intends."""
+    if not get_model_config(model[0]).num_moe_experts:
+        return
+    counts = torch.tensor(
+        [sum(b.num_loss_tokens for b in batches), sum(int(b.lengths.sum()) for b in batches)],
+        dtype=torch.float64, device=_device(),
+    )
+    dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
+    AuxLossShare.value = float(counts[0] / counts[1]) if counts[1] > 0 else 1.0
+
+
 def train_step(model: list, optimizer, batches: list[Batch]) -> StepResult:
     """Zero grads, forward/backward all micro-batches, step unless loss or grads are not finite."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    _set_aux_loss_share(model, batches)
     loss_sum, count = run_schedule(model, batches, forward_only=False)
     seq = torch.tensor([sum(b.tokens.numel() for b in batches)], device=_device(), dtype=torch.float64)
     if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:

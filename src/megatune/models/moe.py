@@ -29,6 +29,29 @@ def moe_layer_freq(hf: dict) -> list[int]:
     return [int(i not in dense and (i + 1) % step == 0) for i in range(hf["num_hidden_layers"])]
 
 
+def aux_loss_coeff(hf: dict, config) -> float:
+    """The YAML's `moe_aux_loss_coeff`, else the HF config's `router_aux_loss_coef`, unchanged."""
+    coeff = config.parallel.moe_aux_loss_coeff
+    return hf.get("router_aux_loss_coef", 0.0) if coeff is None else coeff
+
+
+def aux_loss_description(hf: dict, config) -> str:
+    """Start-up line on the balancing pressure: Megatron sums a per-layer loss that is 1 at
+    perfect balance, while transformers pools all layers' router outputs into one loss that is k
+    there, so one coefficient means about L/k times more pressure here (said, never silent)."""
+    coeff, layers, k = aux_loss_coeff(hf, config), sum(moe_layer_freq(hf)), hf["num_experts_per_tok"]
+    source = "moe_aux_loss_coeff" if config.parallel.moe_aux_loss_coeff is not None else "router_aux_loss_coef in config.json"
+    if not coeff:
+        return f"no load-balancing loss (coefficient 0 from {source})"
+    return (
+        f"load-balancing loss x {coeff:g} (from {source}) per MoE layer, summed over {layers} layers. "
+        f"transformers pools the layers into one loss that is {k}x larger at balance, so per forward pass the "
+        f"same coefficient pushes {k}/{layers} = {k / layers:.2g}x as hard there (moe_aux_loss_coeff: "
+        f"{coeff * k / layers:.3g} matches that; its Trainer also sums the term over micro-batches and ranks "
+        "where megatune averages; docs/train.md, MoE)"
+    )
+
+
 def moe_kwargs(
     hf: dict,
     config,
@@ -39,7 +62,6 @@ def moe_kwargs(
     shared_expert_gate: bool = False,
 ) -> dict:
     """Megatron TransformerConfig MoE kwargs; `config` is the run config (YAML overrides)."""
-    coeff = config.parallel.moe_aux_loss_coeff
     out = dict(
         num_moe_experts=num_experts(hf),
         moe_router_topk=hf["num_experts_per_tok"],
@@ -48,7 +70,7 @@ def moe_kwargs(
         moe_router_score_function="softmax",
         moe_router_pre_softmax=not renormalise,
         moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0) if coeff is None else coeff,
+        moe_aux_loss_coeff=aux_loss_coeff(hf, config),
         moe_router_dtype="fp32",
         moe_grouped_gemm=config.parallel.moe_grouped_gemm,  # GroupedExperts or SequentialMLP; layers/spec.py
         moe_permute_fusion=False,
