@@ -1,7 +1,7 @@
 """Mixtral and Qwen2-MoE: parity with transformers and bit-exact export round trips under expert
 parallelism (alltoall dispatcher, megatune GroupedExperts), tensor+sequence parallelism (Megatron
-SequentialMLP) and pipeline parallelism, plus one single-process run each; and the config
-translation.
+SequentialMLP) and pipeline parallelism, plus one single-process run each; an EP=2 training
+step (with its load-balancing loss) against transformers; and the config translation.
 
 On disk (transformers 5 save_pretrained): Mixtral keeps `block_sparse_moe.gate` and per-expert
 `block_sparse_moe.experts.{E}.w1/w3/w2`; Qwen2-MoE keeps per-expert `mlp.experts.{E}.*_proj`,
@@ -13,6 +13,7 @@ import torch
 
 from megatune.tiny import make_tiny_model
 from tests.conftest import run_megatune
+from tests.test_moe import check_training_step
 from tests.test_verify import all_tensors, parse_diffs
 
 LAYOUTS = {
@@ -35,7 +36,7 @@ EXPECTED = {  # an HF tensor that only a correct expert/shared-expert mapping wr
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_families")
-    return {t: make_tiny_model(t, str(root / t), seed=7) for t in EXPECTED}
+    return {t: make_tiny_model(t, str(root / t), seed=7, with_tokenizer=True) for t in EXPECTED}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -53,6 +54,13 @@ def test_moe_family_matches_transformers_and_round_trips(moe_models, family, lay
     assert any(".experts.3." in k for k in source)  # experts of both EP ranks written
     for name, tensor in source.items():
         assert torch.equal(tensor, exported[name]), name
+
+
+@pytest.mark.parametrize("family", EXPECTED)
+def test_moe_family_training_step_matches_reference(moe_models, family, tmp_path):
+    """EP=2 SFT step: LM loss, load-balancing loss, grad norm and expert load equal a reference
+    on transformers' model (tests/test_moe.py: reference_step)."""
+    check_training_step(moe_models[family], dict(nproc_per_node=2, expert_model_parallel_size=2), tmp_path)
 
 
 def _translate(model_dir, **hf_overrides):
