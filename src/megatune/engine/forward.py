@@ -14,8 +14,8 @@ def packed_seq_params(batch: Batch, device: torch.device) -> PackedSeqParams | N
     """Document bounds for Megatron's "thd" path, so attention never crosses documents."""
     if batch.cu_seqlens is None:
         return None
+    longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())  # on the host: no device sync
     cu = batch.cu_seqlens.to(device=device, dtype=torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
