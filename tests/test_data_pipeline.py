@@ -70,13 +70,37 @@ def test_two_workers_give_the_same_samples(tokenizer):
     assert [s.labels for s in one] == [s.labels for s in two]
 
 
-def test_tokenized_path_caches_and_reloads(tokenizer, tmp_path):
+def test_tokenized_path_caches_reloads_and_refuses_other_settings(tokenizer, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data", data)
     cache = str(tmp_path / "tok_cache")
-    first, _ = build_samples(config_for(tokenized_path=cache), tokenizer)
-    assert Path(cache).is_dir()
-    # A different dataset name is ignored: the cache is what gets used, as documented.
-    again, _ = build_samples(config_for(tokenized_path=cache, dataset="megatune_chat"), tokenizer)
+    settings = dict(tokenized_path=cache, dataset_dir=str(data))
+    first, _ = build_samples(config_for(**settings), tokenizer)
+    assert (Path(cache) / "megatune_encoding.json").is_file()
+    # Edit the data: a reload with the same settings reads the cache, not the files.
+    identity = data / "megatune_identity.json"
+    identity.write_text(identity.read_text().replace("megatune", "EDITED"))
+    again, _ = build_samples(config_for(**settings), tokenizer)
     assert [s.input_ids for s in again] == [s.input_ids for s in first]
+    packed, _ = build_samples(config_for(**settings, packing=True), tokenizer)  # packing comes after the cache
+    assert sum(len(s.input_ids) for s in packed) == sum(len(s.input_ids) for s in first)
+    # Settings the encoding depends on: refused, naming what changed and the way out.
+    with pytest.raises(DataError, match=r"tok_cache was encoded with other settings \(cutoff_len: 256 there, 128 now\); "
+                                         r"set overwrite_cache: true"):
+        build_samples(config_for(**settings, cutoff_len=128), tokenizer)
+    with pytest.raises(DataError, match=r"dataset: 'megatune_identity,megatune_chat' there, 'megatune_chat' now"):
+        build_samples(config_for(**settings, dataset="megatune_chat"), tokenizer)
+    # overwrite_cache re-encodes (the edit shows up) and the new settings then load.
+    fresh, _ = build_samples(config_for(**settings, cutoff_len=128, overwrite_cache=True), tokenizer)
+    assert "EDITED" in "".join(tokenizer.decode(s.input_ids) for s in fresh)
+    reloaded, _ = build_samples(config_for(**settings, cutoff_len=128), tokenizer)
+    assert [s.input_ids for s in reloaded] == [s.input_ids for s in fresh]
+    # A cache without the fingerprint (interrupted save, or another tool's) is not trusted.
+    (Path(cache) / "megatune_encoding.json").unlink()
+    with pytest.raises(DataError, match="holds no megatune_encoding.json"):
+        build_samples(config_for(**settings, cutoff_len=128), tokenizer)
 
 
 def test_bad_rows_fail_or_are_counted_with_skip_invalid(tokenizer, tmp_path):

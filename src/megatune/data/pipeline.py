@@ -8,6 +8,8 @@ work as in LLaMA-Factory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -16,6 +18,7 @@ from megatune.config import Config
 from megatune.data.processors import IGNORE, Sample, pack_samples, pretrain_samples, supervised_sample
 
 ENCODED_COLUMNS = ("input_ids", "labels", "truncated", "error")
+FINGERPRINT = "megatune_encoding.json"  # beside the cached dataset in tokenized_path
 
 
 @dataclass
@@ -91,17 +94,65 @@ def encode_dataset(spec, rows, template, tokenizer, config: Config):
     )
 
 
-def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
-    """The encoded, mixed datasets.Dataset (errors checked), from cache when tokenized_path has it."""
+def encoding_fingerprint(config: Config, tokenizer) -> dict:
+    """Everything the encoded rows depend on. Packing, chunking and the validation split happen
+    after the cache, so they are free to change between runs."""
+    d = config.data
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return {
+        "stage": config.training.stage,
+        "dataset": d.dataset,
+        "dataset_dir": os.path.abspath(d.dataset_dir),
+        "template": d.template,
+        "cutoff_len": d.cutoff_len,
+        "max_samples": d.max_samples,
+        "train_on_prompt": d.train_on_prompt,
+        "mask_history": d.mask_history,
+        "enable_thinking": d.enable_thinking,
+        "mix_strategy": d.mix_strategy,
+        "interleave_probs": d.interleave_probs,
+        "seed": config.training.seed,
+        "tokenizer": hashlib.sha256(
+            (vocab + str(tokenizer.eos_token) + str(getattr(tokenizer, "chat_template", ""))).encode()
+        ).hexdigest()[:16],
+    }
+
+
+def _load_cache(cache: str, fingerprint: dict):
+    """The cached encoded set, if it was built with this run's settings; a DataError naming the
+    settings that differ otherwise (never silently train on data encoded for another run)."""
     import datasets
 
+    from megatune.data.registry import DataError
+
+    path = os.path.join(cache, FINGERPRINT)
+    if not os.path.isfile(path):
+        raise DataError(
+            f"tokenized_path {cache} holds no {FINGERPRINT}, so what it was encoded with is unknown "
+            "(not written by megatune, or its save was interrupted); set overwrite_cache: true to encode "
+            "into it again, or choose another tokenized_path"
+        )
+    with open(path) as f:
+        saved = json.load(f)
+    changed = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in fingerprint.items() if saved.get(key) != value]
+    if changed:
+        raise DataError(
+            f"tokenized_path {cache} was encoded with other settings ({'; '.join(changed)}); set "
+            "overwrite_cache: true to encode into it again, or choose another tokenized_path"
+        )
+    return datasets.load_from_disk(cache)
+
+
+def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
+    """The encoded, mixed datasets.Dataset (errors checked), from cache when tokenized_path has it."""
     from megatune.data.registry import DataError, load_rows, mix_datasets, resolve_datasets
     from megatune.data.templates import get_template
 
     d = config.data
     cache = d.tokenized_path if dataset_names is None else None  # the cache holds the training set
+    fingerprint = encoding_fingerprint(config, tokenizer) if cache else None
     if cache and os.path.isdir(cache) and not d.overwrite_cache:
-        return datasets.load_from_disk(cache), 0
+        return _load_cache(cache, fingerprint), 0
     names = dataset_names or d.dataset
     if not names:
         raise DataError("no dataset given: set `dataset:` in the YAML or pass --dataset NAME")
@@ -120,7 +171,11 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
         raise DataError(f"{errors[0]}{more}; fix the data or set skip_invalid: true to drop bad rows")
     encoded = encoded.filter(lambda e: not e, input_columns="error")
     if cache:
+        if os.path.isfile(os.path.join(cache, FINGERPRINT)):
+            os.remove(os.path.join(cache, FINGERPRINT))  # a cache being rewritten is not valid
         encoded.save_to_disk(cache)
+        with open(os.path.join(cache, FINGERPRINT), "w") as f:  # last: marks the save complete
+            json.dump(fingerprint, f, indent=1)
     return encoded, len(errors)
 
 
