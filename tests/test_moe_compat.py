@@ -183,7 +183,13 @@ def _worker():
 
                 traceback.print_exc()
                 results.append({"case": case[0], "rank": dist.get_rank(), "error": repr(exc)[:500]})
-    print("RESULT " + json.dumps(results), flush=True)
+    # Both ranks share one stdout pipe: take turns, one write per line (print's separate
+    # newline write let the two lines run together).
+    for rank in range(dist.get_world_size()):
+        if rank == dist.get_rank():
+            sys.stdout.write("RESULT " + json.dumps(results) + "\n")
+            sys.stdout.flush()
+        dist.barrier()
     md.shutdown()
 
 
