@@ -114,3 +114,22 @@ def test_moe_matmul_params_count_active_experts_only(tmp_path, model_type):
     assert 0 < sparse_layers
     inactive = sparse_layers * (hf["num_local_experts" if "num_local_experts" in hf else "num_experts"] - hf["num_experts_per_tok"]) * per_expert
     assert matmul_params(hf) == everything - inactive
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_rewrites_the_tokenized_cache(monkeypatch, rank):
+    """overwrite_cache: rank 0 re-encodes into tokenized_path first; the other ranks must then
+    read what it wrote, not all rewrite the folder at once."""
+    from types import SimpleNamespace
+
+    import megatune.data.pipeline as pipeline
+    from megatune.config import load_config
+    from megatune.engine import trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "dist", SimpleNamespace(get_rank=lambda: rank, barrier=lambda: None))
+    monkeypatch.setattr(pipeline, "build_train_source", lambda config, *a: seen.append(config.data.overwrite_cache) or (1, 2, 3))
+    config = load_config(None, {"tokenized_path": "/tmp/cache", "overwrite_cache": True})
+    assert trainer._build_data(config, None, SimpleNamespace(global_batch_size=4)) == (1, 2, 3)
+    assert seen == [rank == 0]
+    assert config.data.overwrite_cache  # the caller's config is left as it was

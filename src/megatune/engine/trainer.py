@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -113,6 +113,8 @@ def _build_data(config: Config, tokenizer, layout: Layout):
     source = evals = stats = None
     for turn in (0, 1):  # rank 0 encodes first and fills the cache; the others then read it
         if (dist.get_rank() == 0) == (turn == 0):
+            if turn == 1 and config.data.overwrite_cache:  # rank 0 has just rewritten it
+                config = replace(config, data=replace(config.data, overwrite_cache=False))
             source, evals, stats = build_train_source(config, tokenizer, layout.global_batch_size)
         dist.barrier()
     return source, evals, stats
