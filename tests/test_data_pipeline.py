@@ -53,6 +53,23 @@ def test_data_command_writes_samples_and_summary(tokenizer_dir, tmp_path):
     assert sum(len(r["doc_lens"]) for r in rows) == 40  # 30 identity rows + 10 chats, none lost
 
 
+def test_data_command_streams_the_same_samples(tokenizer_dir, tmp_path):
+    """`streaming: true`: one pass over the stream, written as read, equal to the in-memory path."""
+    outputs = {}
+    for streaming in ("false", "true"):
+        out = tmp_path / f"samples_{streaming}.jsonl"
+        result = run_megatune(
+            "data", "--model_name_or_path", tokenizer_dir, "--dataset", "megatune_chat,megatune_identity",
+            "--dataset_dir", str(REPO / "data"), "--template", "qwen3", "--cutoff_len", "128", "--max_samples", "4",
+            "--streaming", streaming, "--output", str(out),
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "wrote 8 samples" in result.stdout and "⟦" in result.stdout
+        outputs[streaming] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "streaming, epoch 0 read so far: samples=8" in result.stdout
+    assert outputs["true"] == outputs["false"]
+
+
 def test_sft_masks_prompts_and_learns_answers(tokenizer):
     samples, stats = build_samples(config_for(dataset="megatune_identity"), tokenizer)
     assert stats.samples == 30 and stats.dropped == 0

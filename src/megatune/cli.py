@@ -114,29 +114,44 @@ def _data(rest: list[str]) -> int:
         raise ConfigError(["model_name_or_path is required: a folder with the tokenizer files"])
     from transformers import AutoTokenizer
 
-    from megatune.data.pipeline import apply_config_template_eos, build_samples
+    from megatune.data.pipeline import apply_config_template_eos
     from megatune.data.preview import render
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
+    first, count = None, 0
     try:
         note = apply_config_template_eos(config, tokenizer)
         if note:
             print(f"megatune: {note}")
-        samples, stats = build_samples(config, tokenizer)
+        samples, stats = _data_samples(config, tokenizer)
+        with open(extras["output"], "w") as f:  # written as read: a stream never sits in memory
+            for s in samples:
+                row = {"input_ids": s.input_ids, "labels": s.labels}
+                if config.data.packing:
+                    row["doc_lens"] = s.doc_lens
+                f.write(json.dumps(row) + "\n")
+                first, count = first or s, count + 1
     except (DataError, ValueError) as err:
         return _error([str(err)])
-    with open(extras["output"], "w") as f:
-        for s in samples:
-            row = {"input_ids": s.input_ids, "labels": s.labels}
-            if config.data.packing:
-                row["doc_lens"] = s.doc_lens
-            f.write(json.dumps(row) + "\n")
-    print(f"wrote {len(samples)} samples to {extras['output']}")
+    print(f"wrote {count} samples to {extras['output']}")
     print(stats.line())
-    if samples:
+    if first is not None:
         print("first sample (learned tokens highlighted):")
-        print(render(samples[0], tokenizer))
+        print(render(first, tokenizer))
     return 0
+
+
+def _data_samples(config, tokenizer):
+    """(iterable of processed samples, their stats): the whole list, or with `streaming: true`
+    one pass over the stream in file order (stats fill in as it is read)."""
+    from megatune.data.pipeline import build_samples
+
+    if not config.data.streaming:
+        return build_samples(config, tokenizer)
+    from megatune.data.streaming import build_stream_source
+
+    source, _, stats = build_stream_source(config, tokenizer, 1, shuffle_buffer=1)
+    return source.epoch_samples(), stats
 
 
 def _tiny_model(rest: list[str]) -> int:

@@ -113,6 +113,12 @@ class StreamSource:
         self.position += len(batch)
         return batch
 
+    def epoch_samples(self) -> Iterator[Sample]:
+        """Every sample of the current epoch from its start, in order (`megatune data`)."""
+        self.position, self._iter = 0, None
+        while (sample := self._next()) is not None:
+            yield sample
+
     def check_not_empty(self) -> None:
         """Read up to the first sample (at most one shuffle buffer of rows), so that a stream
         with no usable rows fails before the model is built, not at the first step."""
