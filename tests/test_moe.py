@@ -162,7 +162,8 @@ def reference_step(model_dir, values):
 
 def check_training_step(model_dir, layout: dict, tmp_path) -> None:
     """One `megatune train` step (lr 0) against reference_step: LM loss, aux_loss, grad norm and
-    the expert load of every MoE layer."""
+    the expert load of every MoE layer; and the exported checkpoint holds the input weights
+    bit for bit."""
     import yaml
 
     from megatune.models.moe import moe_layer_freq
@@ -184,6 +185,9 @@ def check_training_step(model_dir, layout: dict, tmp_path) -> None:
     assert list(row["expert_load"]) == [f"layer {i}" for i in sparse]
     for logged, expected in zip(row["expert_load"].values(), shares):
         assert logged == pytest.approx(expected, abs=1e-4)  # rounded to 4 places in the log
+    source, exported = all_tensors(model_dir), all_tensors(tmp_path / "out")
+    assert source.keys() == exported.keys()
+    assert all(torch.equal(source[k], exported[k]) for k in source)
 
 
 @pytest.mark.parametrize("layout", AUX_LAYOUTS)
