@@ -108,6 +108,10 @@ AUX_LAYOUTS = {
     # the second stage slices the padding mask for sequence parallelism itself (engine/step.py)
     "tp2_sp_pp2": dict(nproc_per_node=4, tensor_model_parallel_size=2, sequence_parallel=True,
                        pipeline_model_parallel_size=2),
+    # the reference's qwen3_moe_full.yaml layout in small: pipeline + expert parallelism, alltoall,
+    # grouped experts, full recompute
+    "pp2_ep2_recompute": dict(nproc_per_node=4, pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+                              recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
 }
 
 
