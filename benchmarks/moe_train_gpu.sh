@@ -4,9 +4,9 @@
 # Baseline in the same call: transformers' own Qwen3-MoE training loop on one GPU, same shape,
 # sequence length and batch. Then `megatune train` with expert parallelism on 2 and 4 GPUs, and
 # `pp2ep2`: the reference's qwen3_moe_full.yaml layout in small (pipeline + expert parallelism,
-# full activation recompute) on 4 GPUs.
+# full activation recompute) on 4 GPUs; `pp2`: pipeline parallelism with full recompute on 2.
 # From the repository root on a machine with 4 GPUs:
-#   bash benchmarks/moe_train_gpu.sh OUT_DIR [baseline] [ep2] [ep4] [pp2ep2]   (default: the first three)
+#   bash benchmarks/moe_train_gpu.sh OUT_DIR [baseline] [ep2] [ep4] [pp2] [pp2ep2]   (default: the first three)
 set -u
 out=${1:-/tmp/moe_gpu}; shift || true
 runs=${*:-baseline ep2 ep4}
@@ -33,6 +33,9 @@ for run in $runs; do
            --gradient_accumulation_steps 4 --output_dir /tmp/moe_$run ;;
     ep4) python3 -m megatune train $common --nproc_per_node 4 --expert_model_parallel_size 4 \
            --gradient_accumulation_steps 2 --output_dir /tmp/moe_$run ;;
+    pp2) CUDA_VISIBLE_DEVICES=0,1 python3 -m megatune train $common --nproc_per_node 2 --pipeline_model_parallel_size 2 \
+           --recompute_granularity full --recompute_method uniform --recompute_num_layers 1 \
+           --gradient_accumulation_steps 8 --output_dir /tmp/moe_$run ;;
     pp2ep2) python3 -m megatune train $common --nproc_per_node 4 --pipeline_model_parallel_size 2 \
               --expert_model_parallel_size 2 --recompute_granularity full --recompute_method uniform \
               --recompute_num_layers 1 --gradient_accumulation_steps 4 --output_dir /tmp/moe_$run ;;
