@@ -64,16 +64,25 @@ def test_varlen_glue_equals_the_masked_path(monkeypatch, kernel, kv_heads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_varlen_path_is_only_taken_on_cuda_in_half_precision(monkeypatch):
+def test_varlen_path_is_only_taken_where_the_kernel_runs(monkeypatch):
     from types import SimpleNamespace as NS
 
     ok = attention.SDPAttention._varlen_ok
     monkeypatch.setattr(attention, "varlen_kernel", lambda: kernel_2_12)
-    cuda_bf16, cuda_fp32 = NS(is_cuda=True, dtype=torch.bfloat16), NS(is_cuda=True, dtype=torch.float32)
-    assert ok(NS(dropout=0.0, training=True), cuda_bf16)
-    assert ok(NS(dropout=0.1, training=False), cuda_bf16)  # dropout only matters in training
-    assert not ok(NS(dropout=0.1, training=True), cuda_bf16)  # the kernel has no dropout
-    assert not ok(NS(dropout=0.0, training=True), cuda_fp32)
-    assert not ok(NS(dropout=0.0, training=True), torch.zeros(2, 2, 2, dtype=torch.bfloat16))  # CPU
+    monkeypatch.setattr(attention, "sm80_or_newer", lambda device: True)
+
+    def cuda(dtype=torch.bfloat16, dim=128):
+        return NS(is_cuda=True, dtype=dtype, shape=(16, 4, dim), device="cuda:0")
+
+    train, infer = NS(dropout=0.0, training=True), NS(dropout=0.1, training=False)
+    assert ok(train, cuda()) and ok(train, cuda(torch.float16)) and ok(train, cuda(dim=256))
+    assert ok(infer, cuda())  # dropout only matters in training
+    assert not ok(NS(dropout=0.1, training=True), cuda())  # the kernel has no dropout
+    assert not ok(train, cuda(torch.float32))
+    assert not ok(train, cuda(dim=100)) and not ok(train, cuda(dim=512))  # head sizes flash lacks
+    assert not ok(train, torch.zeros(2, 2, 8, dtype=torch.bfloat16))  # CPU
+    monkeypatch.setattr(attention, "sm80_or_newer", lambda device: False)  # V100, T4
+    assert not ok(train, cuda())
+    monkeypatch.setattr(attention, "sm80_or_newer", lambda device: True)
     monkeypatch.setattr(attention, "varlen_kernel", lambda: None)  # torch < 2.10
-    assert not ok(NS(dropout=0.0, training=True), cuda_bf16)
+    assert not ok(train, cuda())

@@ -61,7 +61,7 @@ def test_data_command_streams_the_same_samples(tokenizer_dir, tmp_path):
         result = run_megatune(
             "data", "--model_name_or_path", tokenizer_dir, "--dataset", "megatune_chat,megatune_identity",
             "--dataset_dir", str(REPO / "data"), "--template", "qwen3", "--cutoff_len", "128", "--max_samples", "4",
-            "--streaming", streaming, "--output", str(out),
+            "--streaming", streaming, "--val_size", "2", "--output", str(out),  # no split here
         )
         assert result.returncode == 0, result.stderr[-2000:]
         assert "wrote 8 samples" in result.stdout and "⟦" in result.stdout

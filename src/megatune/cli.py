@@ -143,13 +143,17 @@ def _data(rest: list[str]) -> int:
 
 def _data_samples(config, tokenizer):
     """(iterable of processed samples, their stats): the whole list, or with `streaming: true`
-    one pass over the stream in file order (stats fill in as it is read)."""
+    one pass over the stream in file order (stats fill in as it is read). Neither splits off
+    validation data."""
+    from dataclasses import replace
+
     from megatune.data.pipeline import build_samples
 
     if not config.data.streaming:
         return build_samples(config, tokenizer)
     from megatune.data.streaming import build_stream_source
 
+    config = replace(config, data=replace(config.data, val_size=0.0, eval_dataset=None))
     source, _, stats = build_stream_source(config, tokenizer, 1, shuffle_buffer=1)
     return source.epoch_samples(), stats
 

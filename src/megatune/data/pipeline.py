@@ -98,7 +98,7 @@ def encoding_fingerprint(config: Config, tokenizer) -> dict:
     """Everything the encoded rows depend on. Packing, chunking and the validation split happen
     after the cache, so they are free to change between runs."""
     d = config.data
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    vocab = repr(sorted((str(token), index) for token, index in tokenizer.get_vocab().items()))
     return {
         "stage": config.training.stage,
         "dataset": d.dataset,

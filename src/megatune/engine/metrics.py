@@ -215,8 +215,8 @@ class ExpertLoad:
             return
         routing_map = output[1].detach()  # [tokens, experts]
         padding = inputs[1] if len(inputs) > 1 else None  # [s, b], True at padding
-        if padding is not None:
-            routing_map = routing_map[~padding.reshape(-1)]
+        if padding is not None:  # masked, not indexed: no device sync
+            routing_map = routing_map & ~padding.reshape(-1, 1)
         counts = routing_map.sum(dim=0).to(torch.float64)
         layer = module.layer_number  # global, 1-based
         self.counts[layer] = self.counts.get(layer, 0) + counts

@@ -92,13 +92,21 @@ class SDPAttention(MegatronModule):
 
 
     def _varlen_ok(self, query: torch.Tensor) -> bool:
-        """The flash varlen kernel: CUDA, half precision, no attention dropout."""
+        """The flash varlen kernel: CUDA on sm80 or newer, half precision, a head size it
+        supports (a multiple of 8, at most 256), no attention dropout."""
         return (
             query.is_cuda
             and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] % 8 == 0
+            and query.shape[-1] <= 256
             and (self.dropout == 0.0 or not self.training)
             and varlen_kernel() is not None
+            and sm80_or_newer(query.device)
         )
+
+
+def sm80_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +119,11 @@ def varlen_kernel() -> Optional[Callable]:
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
+def _keywords(kernel: Callable) -> frozenset:
+    return frozenset(inspect.signature(kernel).parameters)
+
+
 def varlen_causal_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
     """Causal attention within each document of a packed [t, heads, dim] batch.
 
@@ -119,7 +132,7 @@ def varlen_causal_attention(q, k, v, cu_seqlens: torch.Tensor, max_len: int, sca
     ones are made up for here: the scale by pre-scaling the query, GQA by repeating K/V heads.
     """
     kernel = varlen_kernel()
-    params = inspect.signature(kernel).parameters
+    params = _keywords(kernel)
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)
