@@ -144,7 +144,12 @@ def _set_aux_loss_share(model: list, batches: list[Batch]) -> None:
     """Megatron scales each micro-batch's load-balancing loss by its (non-padding) token count
     and then, like every gradient, divides by the step's *loss* tokens; for SFT, where prompts
     carry no loss, that inflates the balancing pressure by tokens / loss tokens. Multiply by
-    the inverse so the load-balancing loss is a token mean over the step, as Megatron intends."""
+    the inverse so the load-balancing loss is a token mean over the step, as Megatron intends.
+
+    Under TP+SP each rank's token count for that scale is the whole tensor-parallel group's:
+    with a padding mask, Megatron derives it from per-expert counts that its all-reduce has
+    summed in place. Without the mask it would be the rank's slice (1/tp too weak), so MoE
+    batches always carry the mask; tests/test_moe.py's tp2_sp cases pin this."""
     if not get_model_config(model[0]).num_moe_experts:
         return
     counts = torch.tensor(
