@@ -16,8 +16,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
-from megatune.data.collator import Batch, collate, collate_packed, pad_to_length
 from megatune.compat.fixes import AuxLossShare
+from megatune.data.collator import Batch, collate, collate_packed, pad_to_length
 from megatune.data.processors import IGNORE, Sample
 from megatune.engine.forward import packed_seq_params
 
@@ -73,8 +73,8 @@ def _loss_func(labels: torch.Tensor, output: torch.Tensor):
 
 
 def _moe_padding_mask(batch: Batch, model, device) -> torch.Tensor | None:
-    """Padding positions for the MoE routers, so padding is neither routed nor counted in the
-    load-balancing loss. Megatron scatters the mask over sequence-parallel ranks only on the
+    """Padding positions for the MoE routers, which leave them out of the load-balancing loss
+    and its token counts (Megatron still dispatches them to experts). Megatron scatters the mask over sequence-parallel ranks only on the
     first pipeline stage; later stages get their slice from us."""
     config = get_model_config(model)
     if not config.num_moe_experts or batch.padding_mask is None:
