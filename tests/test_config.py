@@ -49,7 +49,7 @@ def test_world_size_must_divide_by_tp_pp_cp():
     ]
 
 
-HF = {"num_attention_heads": 12, "num_key_value_heads": 3, "num_hidden_layers": 6, "vocab_size": 1001}
+HF = {"model_type": "qwen3", "num_attention_heads": 12, "num_key_value_heads": 3, "num_hidden_layers": 6, "vocab_size": 1001}
 
 
 @pytest.mark.parametrize(
@@ -59,8 +59,8 @@ HF = {"num_attention_heads": 12, "num_key_value_heads": 3, "num_hidden_layers": 
         ({"tensor_model_parallel_size": 2}, HF, "num_key_value_heads=3 (query groups) is not divisible by tensor_model_parallel_size=2"),
         ({"pipeline_model_parallel_size": 4}, HF, "num_hidden_layers=6 is not divisible by pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = 4x1"),
         ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, HF, "num_hidden_layers=6 is not divisible by pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = 2x2"),
-        ({"expert_model_parallel_size": 4}, {**HF, "num_experts": 6}, "num_experts=6 is not divisible by expert_model_parallel_size=4"),
-        ({"tensor_model_parallel_size": 3}, {**HF, "num_experts": 6}, "MoE models with tensor_model_parallel_size > 1 need sequence_parallel: true (a Megatron-core requirement)"),
+        ({"expert_model_parallel_size": 4}, {**HF, "model_type": "qwen3_moe", "num_experts": 6}, "num_experts=6 is not divisible by expert_model_parallel_size=4"),
+        ({"tensor_model_parallel_size": 3}, {**HF, "model_type": "qwen3_moe", "num_experts": 6}, "MoE models with tensor_model_parallel_size > 1 need sequence_parallel: true (a Megatron-core requirement)"),
         ({"expert_model_parallel_size": 2}, HF, "expert_model_parallel_size=2 but the model has no experts"),
     ],
 )

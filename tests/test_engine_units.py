@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from megatune.config import load_config
-from megatune.engine.metrics import matmul_params, step_flops
 from megatune.engine.optim import build_scheduler
+from megatune.models import get_provider
+
+
+def matmul_params(hf: dict) -> int:
+    return get_provider(hf).matmul_params(hf)
+
+
+def step_flops(hf: dict, doc_lens: list[int]) -> float:
+    return get_provider(hf).step_flops(hf, doc_lens)
 
 
 class _Optimizer:
@@ -122,13 +130,13 @@ def test_only_rank_zero_rewrites_the_tokenized_cache(monkeypatch, rank):
     read what it wrote, not all rewrite the folder at once."""
     from types import SimpleNamespace
 
-    import megatune.data.pipeline as pipeline
+    import megatune.data.source as source
     from megatune.config import load_config
     from megatune.engine import trainer
 
     seen = []
     monkeypatch.setattr(trainer, "dist", SimpleNamespace(get_rank=lambda: rank, barrier=lambda: None))
-    monkeypatch.setattr(pipeline, "build_train_source", lambda config, *a: seen.append(config.data.overwrite_cache) or (1, 2, 3))
+    monkeypatch.setattr(source, "build_train_source", lambda config, *a: seen.append(config.data.overwrite_cache) or (1, 2, 3))
     config = load_config(None, {"tokenized_path": "/tmp/cache", "overwrite_cache": True})
     assert trainer._build_data(config, None, SimpleNamespace(global_batch_size=4)) == (1, 2, 3)
     assert seen == [rank == 0]

@@ -128,7 +128,7 @@ def reference_step(model_dir, values):
 
     from megatune.config import derive_layout, load_config
     from megatune.data.collator import collate
-    from megatune.data.pipeline import build_train_source
+    from megatune.data.source import build_train_source
 
     config = load_config(None, values)
     layout = derive_layout(config, values["nproc_per_node"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatune.data.collator import collate, collate_packed, pad_multiple_for
-from megatune.data.processors import IGNORE, Sample, pack_samples, pretrain_samples, split_budget, supervised_sample
+from megatune.data.processors import IGNORE, Sample, chunk_documents, pack_samples, split_budget, supervised_sample
 
 
 def doc(tokens, learn_from=0):
@@ -57,7 +57,7 @@ def test_supervised_sample_masks_prompts_and_history():
 
 
 def test_pretrain_concatenates_with_eos_and_chunks():
-    blocks = pretrain_samples([[1, 2, 3], [4, 5]], eos_id=0, cutoff_len=3)
+    blocks = list(chunk_documents([[1, 2, 3], [4, 5]], eos_id=0, cutoff_len=3))
     assert [b.input_ids for b in blocks] == [[1, 2, 3], [0, 4, 5]]  # trailing eos dropped
     assert blocks[0].labels == blocks[0].input_ids
 
@@ -76,13 +76,19 @@ def megatron_qwen3(tmp_path_factory):
     bundle = build_model(config, path)
     load_hf_weights(bundle, path)
     model = bundle.chunks[0].eval()
-    yield model
+    yield model, bundle.provider
     shutdown()
 
 
-def test_packed_loss_equals_documents_run_separately(megatron_qwen3):
-    from megatune.engine.forward import token_losses
+def token_losses(megatron, batch, device):
+    """Per-token cross-entropy [b, s] through the family's forward, zero where nothing is learned."""
+    model, provider = megatron
+    labels = batch.labels.to(device)
+    mask = labels != IGNORE
+    return provider.forward(model, batch, device, labels=torch.where(mask, labels, torch.zeros_like(labels))).float() * mask
 
+
+def test_packed_loss_equals_documents_run_separately(megatron_qwen3):
     gen = torch.Generator().manual_seed(0)
     docs = [doc(torch.randint(0, 256, (n,), generator=gen).tolist(), learn_from=n // 3) for n in (11, 6, 15)]
     cpu = torch.device("cpu")
@@ -100,8 +106,6 @@ def test_packed_loss_equals_documents_run_separately(megatron_qwen3):
 
 def test_packing_without_boundaries_would_differ(megatron_qwen3):
     """Control: the same tokens as one plain sequence give different losses (cross-document attention)."""
-    from megatune.engine.forward import token_losses
-
     docs = [doc(list(range(1, 12))), doc(list(range(20, 30)))]
     cpu = torch.device("cpu")
     with torch.no_grad():

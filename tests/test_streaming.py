@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from megatune.config import load_config
-from megatune.data.pipeline import build_samples, build_train_source
+from megatune.data.pipeline import build_samples
+from megatune.data.source import build_train_source
 from megatune.data.processors import IGNORE
 from megatune.data.registry import DataError
 from megatune.data.streaming import StreamSource, build_stream_source

@@ -77,7 +77,7 @@ def hf_step(model_dir, values, step: int):
 
     from megatune.config import derive_layout, load_config
     from megatune.data.collator import collate
-    from megatune.data.pipeline import build_train_source
+    from megatune.data.source import build_train_source
 
     config = load_config(None, values)
     layout = derive_layout(config, values["nproc_per_node"])
@@ -234,17 +234,17 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, model_dir):
 
 NAN_LOSS = """
 import math, torch
-import megatune.engine.step as step_module
-_loss = step_module._loss_func
+import megatune.stages.base as stage_module
+_loss = stage_module.token_loss_sums
 calls = [0]
-def loss_func(labels, output):
+def loss_func(losses, mask):
     calls[0] += 1
-    loss, count, extra = _loss(labels, output)
+    loss, count, extra = _loss(losses, mask)
     if calls[0] > 2 and (BAD_UNTIL is None or calls[0] <= BAD_UNTIL):  # 2 micro-batches per step
         loss = loss * math.nan
-        extra = {"lm": torch.stack([loss.detach(), count.float()])}
+        extra = {"sums": torch.stack([loss.detach(), count.float()])}
     return loss, count, extra
-step_module._loss_func = loss_func
+stage_module.token_loss_sums = loss_func
 """
 
 

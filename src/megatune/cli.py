@@ -114,13 +114,13 @@ def _data(rest: list[str]) -> int:
         raise ConfigError(["model_name_or_path is required: a folder with the tokenizer files"])
     from transformers import AutoTokenizer
 
-    from megatune.data.pipeline import apply_config_template_eos
     from megatune.data.preview import render
+    from megatune.stages import get_stage
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
     first, count = None, 0
     try:
-        note = apply_config_template_eos(config, tokenizer)
+        note = get_stage(config.training.stage).prepare_tokenizer(config, tokenizer)
         if note:
             print(f"megatune: {note}")
         samples, stats = _data_samples(config, tokenizer)
@@ -188,28 +188,19 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else config.parallel.nproc_per_node
     hf = read_hf_config(config.model.model_name_or_path) if os.path.isdir(config.model.model_name_or_path) else None
     layout = validate(config, world, hf)
-    if hf is not None:
-        from megatune.models import UnsupportedModelError, get_family
-
-        try:
-            get_family(hf, f"{config.model.model_name_or_path}/config.json")
-        except UnsupportedModelError as err:
-            raise ConfigError([str(err)]) from None
     if not under_launcher() and world > 1:
         return launch_workers(world, argv)
     return _run_worker(command, config, layout, extras)
 
 
-def _say_moe_path(config) -> None:
-    """MoE runs say which expert implementation computes them (never a silent slow path) and how
-    hard the load-balancing loss pushes."""
-    hf = read_hf_config(config.model.model_name_or_path)
-    if hf.get("num_experts") or hf.get("num_local_experts"):
-        from megatune.layers.spec import moe_experts_description
-        from megatune.models.moe import aux_loss_description
+def _say_model_notes(config) -> None:
+    """The model family's start-up lines (e.g. which expert implementation computes a MoE and
+    how hard its load-balancing loss pushes: never a silent slow path)."""
+    from megatune.models import get_provider
 
-        print(f"megatune: MoE experts: {moe_experts_description(config.parallel.moe_grouped_gemm)}", flush=True)
-        print(f"megatune: MoE routing: {aux_loss_description(hf, config)}", flush=True)
+    hf = read_hf_config(config.model.model_name_or_path)
+    for line in get_provider(hf).startup_notes(hf, config):
+        print(f"megatune: {line}", flush=True)
 
 
 def _export_config(yaml_path, extras: dict, overrides: dict):
@@ -228,7 +219,7 @@ def _export_config(yaml_path, extras: dict, overrides: dict):
 
 def _run_worker(command, config, layout, extras) -> int:
     from megatune.distributed import init_distributed, is_rank0, shutdown
-    from megatune.models.family import UnsupportedModelError
+    from megatune.models.provider import UnsupportedModelError
     from megatune.data.registry import DataError
     from megatune.engine.checkpoint import ResumeError
     from megatune.engine.trainer import TrainingError
@@ -238,7 +229,7 @@ def _run_worker(command, config, layout, extras) -> int:
     try:
         if is_rank0():
             print(f"megatune: {layout.describe()}", flush=True)
-            _say_moe_path(config)
+            _say_model_notes(config)
         if command == "verify":
             return _verify(config, extras)
         if command == "train":

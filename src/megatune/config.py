@@ -404,43 +404,15 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
 
 
 def _model_problems(config: Config, hf: dict) -> list[str]:
-    p = config.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    vpp = p.virtual_pipeline_model_parallel_size or 1
-    problems = []
-    heads = hf.get("num_attention_heads")
-    groups = hf.get("num_key_value_heads") or heads
-    layers = hf.get("num_hidden_layers")
-    vocab = hf.get("vocab_size")
-    if heads and heads % tp:
-        problems.append(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}")
-    if groups and groups % tp:
-        problems.append(
-            f"num_key_value_heads={groups} (query groups) is not divisible by "
-            f"tensor_model_parallel_size={tp}"
-        )
-    if vocab and vocab % tp:
-        problems.append(f"vocab_size={vocab} is not divisible by tensor_model_parallel_size={tp}")
-    if layers and layers % (pp * vpp):
-        problems.append(
-            f"num_hidden_layers={layers} is not divisible by pipeline_model_parallel_size x "
-            f"virtual_pipeline_model_parallel_size = {pp}x{vpp}"
-        )
-    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
-    if experts:
-        ep = p.expert_model_parallel_size
-        if experts % ep:
-            problems.append(f"num_experts={experts} is not divisible by expert_model_parallel_size={ep}")
-        if tp > 1 and not p.sequence_parallel:
-            problems.append(
-                "MoE models with tensor_model_parallel_size > 1 need sequence_parallel: true "
-                "(a Megatron-core requirement)"
-            )
-    elif p.expert_model_parallel_size > 1:
-        problems.append(
-            f"expert_model_parallel_size={p.expert_model_parallel_size} but the model has no experts"
-        )
-    return problems
+    """The model family's own checks: is the checkpoint supported, does the layout divide it."""
+    from megatune.models import UnsupportedModelError, get_provider
+
+    where = f"{config.model.model_name_or_path}/config.json"
+    try:
+        provider = get_provider(hf, where)
+    except UnsupportedModelError as err:
+        return [str(err)]
+    return provider.layout_problems(hf, config.parallel)
 
 
 def read_hf_config(model_dir: str) -> dict:

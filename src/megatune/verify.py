@@ -11,6 +11,9 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatune.data.collator import Batch
+from megatune.data.processors import IGNORE
+from megatune.distributed import device
 from megatune.models.build import ModelBundle
 from megatune.models.weights import export_hf, load_hf_weights
 
@@ -45,18 +48,19 @@ def sample_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch
 
 def megatron_logits(bundle: ModelBundle, tokens: torch.Tensor) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, v] on the last pipeline stage, None elsewhere."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    tokens = tokens.to(device)
+    tokens = tokens.to(device())
     batch, seq_len = tokens.shape
-    positions = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
+    positions = torch.arange(seq_len, device=tokens.device).unsqueeze(0).expand(batch, -1)
     captured: list[torch.Tensor] = []
 
     def loss_func(output: torch.Tensor):
         captured.append(tensor_parallel.gather_from_tensor_model_parallel_region(output).float())
         return output.sum() * 0.0, {}
 
+    batch_inputs = Batch(tokens, torch.full_like(tokens, IGNORE), positions)
+
     def forward_step(data_iterator, model):
-        return model(tokens, positions, None), loss_func
+        return bundle.provider.forward(model, batch_inputs, tokens.device, labels=None), loss_func
 
     for chunk in bundle.chunks:
         chunk.eval()
@@ -76,10 +80,9 @@ def megatron_logits(bundle: ModelBundle, tokens: torch.Tensor) -> torch.Tensor |
 def hf_logits(model_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device()).eval()
     with torch.no_grad():
-        out = model(input_ids=tokens.to(device)).logits.float()
+        out = model(input_ids=tokens.to(device())).logits.float()
     del model
     return out
 
@@ -98,7 +101,7 @@ def run_verify(
     load_hf_weights(bundle, model_dir)
     if export_path:
         export_hf(bundle, model_dir, export_path, dtype)
-    tokens = sample_tokens(bundle.hf["vocab_size"], batch, seq_len, seed)
+    tokens = sample_tokens(bundle.provider.vocab_size(bundle.hf), batch, seq_len, seed)
     ours = megatron_logits(bundle, tokens)
     stats = torch.zeros(2, dtype=torch.float64)
     reporter = ours is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
@@ -107,7 +110,7 @@ def run_verify(
         diff = (ours - ref).abs()
         stats = torch.tensor([diff.max().item(), diff.mean().item()], dtype=torch.float64)
     # The last stage's first rank measured; share it so every rank exits the same way.
-    stats = stats.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    stats = stats.to(device())
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     bound = TOLERANCE[dtype] if tolerance is None else tolerance
     return VerifyResult(float(stats[0]), float(stats[1]), bound)

@@ -4,6 +4,8 @@ on GPU and CPU alike. Each names the Megatron call that fails and has a test.
 
 from __future__ import annotations
 
+import contextlib
+
 from megatune.compat.patching import Patch, apply_patches
 
 _APPLIED: list[Patch] = []
@@ -56,10 +58,21 @@ def _define_te_general_gemm(moe_utils):
     return moe_utils
 
 
-class AuxLossShare:
-    """Loss tokens / non-padding tokens of the current step, set by engine/step.py."""
+class _AuxLossShare:
+    """Loss units / non-padding tokens of the step in progress; only `moe_aux_loss_share` sets it."""
 
     value = 1.0
+
+
+@contextlib.contextmanager
+def moe_aux_loss_share(value: float):
+    """Within this block (one training step), the MoE load-balancing loss scale that Megatron
+    sets is multiplied by `value` (loss units / tokens of the step; see _aux_loss_token_mean)."""
+    previous, _AuxLossShare.value = _AuxLossShare.value, value
+    try:
+        yield
+    finally:
+        _AuxLossShare.value = previous
 
 
 def _aux_loss_token_mean(original):
@@ -70,9 +83,20 @@ def _aux_loss_token_mean(original):
     fold in loss tokens / tokens, which turns the result into the token mean it intends."""
 
     def set_loss_scale(scale):
-        return original(scale * AuxLossShare.value)
+        return original(scale * _AuxLossShare.value)
 
     return staticmethod(set_loss_scale)
+
+
+def _in_process_results_queue(original):
+    """Megatron's checkpoint writer (dist_checkpointing.strategies.filesystem_async) reports
+    results through a `multiprocessing.Manager` queue, which starts a *spawned* server process
+    that outlives a crashed trainer (and re-imports the launching script). megatune saves
+    synchronously, so results never cross a process boundary: a plain in-process queue does the
+    same job without the extra process."""
+    import queue
+
+    return original if original is not None else queue.Queue()
 
 
 FIXES: list[Patch] = [
@@ -104,6 +128,13 @@ FIXES: list[Patch] = [
         _aux_loss_token_mean,
         "with per-token loss, the MoE load-balancing gradient is multiplied by tokens / loss "
         "tokens (several times too strong for SFT).",
+    ),
+    Patch(
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+        "_results_queue",
+        _in_process_results_queue,
+        "every checkpoint save starts a spawned multiprocessing.Manager server that outlives a "
+        "crashed trainer.",
     ),
 ]
 

@@ -7,7 +7,7 @@ form Megatron's PackedSeqParams takes; padding there is a document of its own, f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -117,3 +117,9 @@ def pad_to_length(batch: Batch, length: int, pad_id: int) -> Batch:
     positions = torch.cat([batch.position_ids, torch.arange(extra).unsqueeze(0)], dim=1)
     bounds = torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + extra])
     return Batch(tokens, labels, positions, bounds, batch.lengths)
+
+
+def mask_out(batch: Batch) -> Batch:
+    """The same inputs with nothing to learn (a rank with no evaluation samples of its own runs
+    one of another rank's so it joins the collectives, and counts nothing)."""
+    return replace(batch, labels=torch.full_like(batch.labels, IGNORE))

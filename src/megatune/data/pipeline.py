@@ -1,9 +1,9 @@
-"""Config -> tokenized training samples: the data pipeline end to end.
+"""Config -> tokenized training samples, in memory.
 
-Per dataset: load rows -> convert each to a Conversation -> encode with the template -> one
-sample (input_ids, labels); then mix datasets, split off validation, chunk (pt) or pack.
+Per dataset: load rows -> the training stage encodes each (data/encoding.py) -> mix datasets,
+split off validation -> the stage turns encoded rows into samples (chunking for pt) -> pack.
 Encoding runs through `datasets.map`, so `preprocessing_num_workers` and `tokenized_path`
-work as in LLaMA-Factory.
+work as in LLaMA-Factory. data/streaming.py is the lazy counterpart for data larger than memory.
 """
 
 from __future__ import annotations
@@ -11,82 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
-from functools import partial
 
 from megatune.config import Config
-from megatune.data.processors import IGNORE, Sample, pack_samples, pretrain_samples, supervised_sample
+from megatune.data.encoding import DataStats, RowEncoder, bad_rows_error, interleave_probs, samples_from_rows
+from megatune.data.processors import Sample, pack_samples
+from megatune.data.registry import DataError
+from megatune.stages import get_stage
 
-ENCODED_COLUMNS = ("input_ids", "labels", "truncated", "error")
 FINGERPRINT = "megatune_encoding.json"  # beside the cached dataset in tokenized_path
 
 
-@dataclass
-class DataStats:
-    samples: int = 0
-    tokens: int = 0
-    loss_tokens: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    packing_efficiency: float | None = None  # real tokens / (packed sequences x cutoff_len)
-
-    def line(self) -> str:
-        parts = [
-            f"samples={self.samples}",
-            f"tokens={self.tokens}",
-            f"loss_tokens={self.loss_tokens}",
-            f"truncated={self.truncated}",
-            f"dropped={self.dropped}",
-        ]
-        if self.packing_efficiency is not None:
-            parts.append(f"packing_efficiency={self.packing_efficiency:.1%}")
-        return " ".join(parts)
-
-
-def _encode_row(row: dict, idx: int, spec, template, tokenizer, config: Config, file_label: str) -> dict:
-    """One raw row -> encoded columns; errors are returned, not raised, so skip_invalid can count them."""
-    from megatune.data.converters import to_conversation
-    from megatune.data.registry import DataError
-
-    d = config.data
-    source = f"dataset '{spec.name}', {file_label}, row {idx}"
-    try:
-        conversation = to_conversation(row, spec, source, stage=config.training.stage)
-        if config.training.stage == "pt":
-            text = conversation.messages[-1].content
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            return {"input_ids": ids, "labels": ids, "truncated": False, "error": ""}
-        turns = template.encode(tokenizer, conversation, enable_thinking=d.enable_thinking)
-        sample = supervised_sample(turns, d.cutoff_len, d.train_on_prompt, d.mask_history)
-        if sample is None:
-            raise DataError(f"{source}: nothing left to learn after truncation to cutoff_len={d.cutoff_len}")
-        return {"input_ids": sample.input_ids, "labels": sample.labels, "truncated": sample.truncated, "error": ""}
-    except DataError as err:
-        return {"input_ids": [], "labels": [], "truncated": False, "error": str(err)}
-
-
-def apply_config_template_eos(config: Config, tokenizer) -> str | None:
-    """For sft with a named template: LLaMA-Factory's replace_eos on the tokenizer (see
-    templates.apply_template_eos); returns a note when the eos changed."""
-    from megatune.data.templates import apply_template_eos, get_template
-
-    if config.training.stage != "sft" or not config.data.template or config.data.template == "auto":
-        return None
-    return apply_template_eos(tokenizer, get_template(config.data.template))
-
-
 def encode_dataset(spec, rows, template, tokenizer, config: Config):
+    """A datasets.Dataset of raw rows -> the stage's encoded columns + `error`."""
     workers = config.data.preprocessing_num_workers
-    fn = partial(
-        _encode_row,
-        spec=spec,
-        template=template,
-        tokenizer=tokenizer,
-        config=config,
-        file_label=f"file {spec.file_name}",
-    )
     return rows.map(
-        fn,
+        RowEncoder(get_stage(config.training.stage), spec, template, tokenizer, config.data),
         with_indices=True,
         num_proc=workers if workers and workers > 1 else None,
         remove_columns=rows.column_names,
@@ -123,8 +62,6 @@ def _load_cache(cache: str, fingerprint: dict):
     settings that differ otherwise (never silently train on data encoded for another run)."""
     import datasets
 
-    from megatune.data.registry import DataError
-
     path = os.path.join(cache, FINGERPRINT)
     if not os.path.isfile(path):
         raise DataError(
@@ -144,8 +81,9 @@ def _load_cache(cache: str, fingerprint: dict):
 
 
 def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
-    """The encoded, mixed datasets.Dataset (errors checked), from cache when tokenized_path has it."""
-    from megatune.data.registry import DataError, load_rows, mix_datasets, resolve_datasets
+    """(the encoded, mixed datasets.Dataset with bad rows removed, number of bad rows dropped),
+    from cache when tokenized_path has it. Bad rows raise unless skip_invalid."""
+    from megatune.data.registry import load_rows, mix_datasets, resolve_datasets
     from megatune.data.templates import get_template
 
     d = config.data
@@ -163,12 +101,10 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
         if d.max_samples is not None:
             rows = rows.select(range(min(d.max_samples, len(rows))))
         parts.append(encode_dataset(spec, rows, template, tokenizer, config))
-    probs = [float(p) for p in d.interleave_probs.split(",")] if d.interleave_probs else None
-    encoded = mix_datasets(parts, d.mix_strategy, probs, config.training.seed)
+    encoded = mix_datasets(parts, d.mix_strategy, interleave_probs(d), config.training.seed)
     errors = [e for e in encoded["error"] if e]
     if errors and not d.skip_invalid:
-        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
-        raise DataError(f"{errors[0]}{more}; fix the data or set skip_invalid: true to drop bad rows")
+        raise bad_rows_error(errors)
     encoded = encoded.filter(lambda e: not e, input_columns="error")
     if cache:
         if os.path.isfile(os.path.join(cache, FINGERPRINT)):
@@ -179,29 +115,22 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
     return encoded, len(errors)
 
 
-def _to_samples(encoded, config: Config, tokenizer, dropped: int = 0) -> tuple[list[Sample], DataStats]:
+def to_samples(encoded, config: Config, tokenizer, dropped: int = 0) -> tuple[list[Sample], DataStats]:
+    """Good encoded rows (a datasets.Dataset or any iterable of row dicts) -> samples + stats."""
     d = config.data
-    if config.training.stage == "pt":
-        samples = pretrain_samples(encoded["input_ids"], tokenizer.eos_token_id, d.cutoff_len)
-    else:
-        samples = [
-            Sample(ids, labels, truncated=trunc)
-            for ids, labels, trunc in zip(encoded["input_ids"], encoded["labels"], encoded["truncated"])
-        ]
-    stats = DataStats(dropped=dropped, truncated=sum(s.truncated for s in samples))
+    stats = DataStats(dropped=dropped)
+    samples = list(samples_from_rows(encoded, get_stage(config.training.stage), d.cutoff_len, tokenizer.eos_token_id, stats))
     if d.packing and samples:
         samples = pack_samples(samples, d.cutoff_len)
-        stats.packing_efficiency = sum(len(s.input_ids) for s in samples) / (len(samples) * d.cutoff_len)
-    stats.samples = len(samples)
-    stats.tokens = sum(len(s.input_ids) for s in samples)
-    stats.loss_tokens = sum(sum(1 for t in s.labels if t != IGNORE) for s in samples)
+    for sample in samples:
+        stats.add(sample, d.cutoff_len, bool(d.packing))
     return samples, stats
 
 
 def build_samples(config: Config, tokenizer, dataset_names: str | None = None) -> tuple[list[Sample], DataStats]:
     """All samples of the training datasets (chunked for pt, packed when asked), no split."""
     encoded, dropped = load_encoded(config, tokenizer, dataset_names)
-    return _to_samples(encoded, config, tokenizer, dropped)
+    return to_samples(encoded, config, tokenizer, dropped)
 
 
 def build_train_eval(config: Config, tokenizer) -> tuple[list[Sample], list[Sample], DataStats]:
@@ -214,20 +143,6 @@ def build_train_eval(config: Config, tokenizer) -> tuple[list[Sample], list[Samp
         train_rows, eval_rows = encoded, load_encoded(config, tokenizer, config.data.eval_dataset)[0]
     else:
         train_rows, eval_rows = split_validation(encoded, config.data.val_size, config.training.seed)
-    train, stats = _to_samples(train_rows, config, tokenizer, dropped)
-    evals = _to_samples(eval_rows, config, tokenizer)[0] if eval_rows is not None else []
+    train, stats = to_samples(train_rows, config, tokenizer, dropped)
+    evals = to_samples(eval_rows, config, tokenizer)[0] if eval_rows is not None else []
     return train, evals, stats
-
-
-def build_train_source(config: Config, tokenizer, global_batch_size: int):
-    """What the trainer consumes: (a SampleSource over the training data, eval samples, stats).
-    With `streaming: true` the source reads and encodes lazily (data larger than memory) and
-    the stats cover what has been read so far; see data/streaming.py."""
-    from megatune.data.source import MapSource
-
-    if config.data.streaming:
-        from megatune.data.streaming import build_stream_source
-
-        return build_stream_source(config, tokenizer, global_batch_size)
-    train, evals, stats = build_train_eval(config, tokenizer)
-    return MapSource(train, global_batch_size, config.training.seed), evals, stats

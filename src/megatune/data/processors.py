@@ -7,15 +7,9 @@ the single shift to next-token targets happens in the collator, per document.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
-
-from megatune.data.conversation import Conversation
+from typing import Iterable, Iterator
 
 IGNORE = -100
-
-
-class TurnEncoder(Protocol):
-    def encode(self, tokenizer, conversation: Conversation, enable_thinking: bool = True) -> list[tuple[list[int], list[int]]]: ...
 
 
 @dataclass
@@ -28,6 +22,14 @@ class Sample:
     def __post_init__(self):
         if not self.doc_lens:
             self.doc_lens = [len(self.input_ids)]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
 
 
 def split_budget(source_len: int, target_len: int, budget: int) -> tuple[int, int]:
@@ -74,16 +76,17 @@ def supervised_sample(
     return Sample(input_ids, labels, truncated=truncated)
 
 
-def pretrain_samples(token_streams: Iterable[list[int]], eos_id: int, cutoff_len: int) -> list[Sample]:
-    """Each text + eos, all concatenated, cut into blocks of cutoff_len (the tail is dropped)."""
+def chunk_documents(token_streams: Iterable[list[int]], eos_id: int, cutoff_len: int) -> Iterator[Sample]:
+    """Each text + eos, all concatenated, cut into blocks of cutoff_len as soon as a block is
+    full (lazy, so a stream never sits in memory); the tail that fills no block is dropped."""
     flat: list[int] = []
     for ids in token_streams:
         flat += list(ids) + [eos_id]
-    blocks = len(flat) // cutoff_len
-    return [
-        Sample(flat[i * cutoff_len:(i + 1) * cutoff_len], flat[i * cutoff_len:(i + 1) * cutoff_len])
-        for i in range(blocks)
-    ]
+        full = len(flat) - len(flat) % cutoff_len
+        for start in range(0, full, cutoff_len):
+            block = flat[start:start + cutoff_len]
+            yield Sample(block, list(block))
+        del flat[:full]
 
 
 def pack_samples(samples: list[Sample], cutoff_len: int) -> list[Sample]:

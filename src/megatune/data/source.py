@@ -51,3 +51,17 @@ def rank_share(global_batch: list[Sample], dp_rank: int, dp_size: int) -> list[S
     """This data-parallel rank's contiguous share of a global batch."""
     per_rank = len(global_batch) // dp_size
     return global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+
+def build_train_source(config, tokenizer, global_batch_size: int):
+    """What the trainer consumes: (a SampleSource over the training data, eval samples, stats).
+    With `streaming: true` the source reads and encodes lazily (data larger than memory) and
+    the stats cover what has been read so far; see data/streaming.py."""
+    if config.data.streaming:
+        from megatune.data.streaming import build_stream_source
+
+        return build_stream_source(config, tokenizer, global_batch_size)
+    from megatune.data.pipeline import build_train_eval
+
+    train, evals, stats = build_train_eval(config, tokenizer)
+    return MapSource(train, global_batch_size, config.training.seed), evals, stats

@@ -2,7 +2,7 @@
 
 The map path (pipeline.py) encodes every row up front and shuffles indices; that needs the
 whole dataset in memory. Here rows are read from disk as the trainer asks for them, encoded by
-the same `_encode_row` (so samples are token-identical), shuffled in a bounded seeded buffer,
+the same `RowEncoder` (so samples are token-identical), shuffled in a bounded seeded buffer,
 chunked (`stage: pt`) or packed in a bounded window, and served one global batch at a time.
 Memory is bounded by the buffers, never by the dataset.
 
@@ -19,21 +19,29 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from megatune.config import Config
-from megatune.data.pipeline import ENCODED_COLUMNS, DataStats, _encode_row, _to_samples
-from megatune.data.processors import IGNORE, Sample, pack_samples
+from megatune.data.encoding import (
+    DataStats,
+    RowEncoder,
+    bad_rows_error,
+    encoded_columns,
+    interleave_probs,
+    samples_from_rows,
+)
+from megatune.data.pipeline import load_encoded, to_samples
+from megatune.data.processors import Sample, pack_samples
 from megatune.data.registry import DataError
+from megatune.stages import get_stage
 
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 4096  # encoded rows held for shuffling (LLaMA-Factory's buffer_size plays this role)
 PACK_BUFFER = 512  # rows packed together; bins rarely improve past a few hundred candidates
-FIX_HINT = "fix the data or set skip_invalid: true to drop bad rows"
 LOCATE_LIMIT = 1 << 30  # json files up to this size are re-read whole to locate a parse error
 
 
@@ -46,25 +54,17 @@ class StreamStats(DataStats):
     def line(self) -> str:
         return f"streaming, epoch {self.epoch} read so far: {super().line()}"
 
-    def reset(self, epoch: int) -> None:
-        for f in fields(DataStats):
-            setattr(self, f.name, f.default)
+    def start_epoch(self, epoch: int) -> None:
+        self.reset()
         self.epoch = epoch
-
-    def add(self, sample: Sample, cutoff_len: int, packing: bool) -> None:
-        self.samples += 1
-        self.tokens += len(sample.input_ids)
-        self.loss_tokens += sum(1 for t in sample.labels if t != IGNORE)
-        if packing:
-            self.packing_efficiency = self.tokens / (self.samples * cutoff_len)
 
 
 class StreamSource:
-    """Serves global batches from `rows`, a re-iterable of encoded rows (dicts with
-    ENCODED_COLUMNS, e.g. a mapped `datasets.IterableDataset`); iterated once per epoch.
+    """Serves global batches from `rows`, a re-iterable of encoded rows (dicts with the stage's
+    encoded columns, e.g. a mapped `datasets.IterableDataset`); iterated once per epoch.
 
-    Each epoch yields every good row once (sft) or the chunks of their concatenation (pt),
-    in buffer-shuffled order; the ragged tail that does not fill a global batch is dropped, as
+    Each epoch yields the stage's samples of the good rows (each row once for sft, the chunks of
+    their concatenation for pt) in buffer-shuffled order; the ragged tail that does not fill a global batch is dropped, as
     in MapSource. `shuffle_buffer` <= 1 keeps file order.
     """
 
@@ -75,7 +75,7 @@ class StreamSource:
         seed: int,
         *,
         cutoff_len: int,
-        stage: str = "sft",
+        stage=None,
         eos_id: int | None = None,
         packing: bool = False,
         skip_invalid: bool = False,
@@ -84,8 +84,8 @@ class StreamSource:
         name: str = "the training data",
         explain: Callable[[], str | None] | None = None,
     ):
-        if stage == "pt" and eos_id is None:
-            raise DataError("stage pt needs the tokenizer's eos token to separate documents")
+        stage = stage or get_stage("sft")
+        stage.assemble([], cutoff_len, eos_id)  # a stage that cannot assemble fails now, not mid-epoch
         self.rows, self.global_batch_size, self.seed = rows, global_batch_size, seed
         self.cutoff_len, self.stage, self.eos_id, self.packing = cutoff_len, stage, eos_id, packing
         self.skip_invalid, self.shuffle_buffer, self.pack_buffer = skip_invalid, shuffle_buffer, pack_buffer
@@ -177,19 +177,18 @@ class StreamSource:
         return self._iter
 
     def _epoch(self, epoch: int) -> Iterator[Sample]:
-        self.stats.reset(epoch)
+        self.stats.start_epoch(epoch)
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        docs = _buffer_shuffle(self._good_rows(), self.shuffle_buffer, rng)
-        docs = self._tally_truncated(docs)
-        samples = _chunks(docs, self.eos_id, self.cutoff_len) if self.stage == "pt" else docs
+        rows = _buffer_shuffle(self._good_rows(), self.shuffle_buffer, rng)
+        samples = samples_from_rows(rows, self.stage, self.cutoff_len, self.eos_id, self.stats)
         if self.packing:
             samples = _packed(samples, self.cutoff_len, self.pack_buffer, rng if self.shuffle_buffer > 1 else None)
         for sample in samples:
             self.stats.add(sample, self.cutoff_len, self.packing)
             yield sample
 
-    def _good_rows(self) -> Iterator[Sample]:
-        """Encoded rows as samples; a bad row raises (its message names dataset, file, row)
+    def _good_rows(self) -> Iterator[dict]:
+        """Good encoded rows; a bad row raises (its message names dataset, file, row)
         unless skip_invalid, which counts it in stats.dropped."""
         rows = iter(self.rows)
         for read in itertools.count():
@@ -206,19 +205,13 @@ class StreamSource:
                 raise DataError(f"reading {self.name} failed after {read} rows of epoch {self.epoch}: {err}") from err
             if row["error"]:
                 if not self.skip_invalid:
-                    raise DataError(f"{row['error']}; {FIX_HINT}")
+                    raise bad_rows_error([row["error"]])
                 if not self._warned:
                     log.warning("skipping invalid rows (skip_invalid: true); first: %s", row["error"])
                     self._warned = True
                 self.stats.dropped += 1
                 continue
-            yield Sample(list(row["input_ids"]), list(row["labels"]), truncated=bool(row["truncated"]))
-
-    def _tally_truncated(self, docs: Iterable[Sample]) -> Iterator[Sample]:
-        """Count truncation as rows leave the shuffle buffer, in step with `samples`."""
-        for doc in docs:
-            self.stats.truncated += doc.truncated
-            yield doc
+            yield row
 
     def _raise_short(self, got: int) -> None:
         dropped = f" ({self.stats.dropped} bad rows were dropped by skip_invalid)" if self.stats.dropped else ""
@@ -246,19 +239,6 @@ def _buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
         buffer[i] = item
     rng.shuffle(buffer)
     yield from buffer
-
-
-def _chunks(docs: Iterable[Sample], eos_id: int, cutoff_len: int) -> Iterator[Sample]:
-    """The streaming form of processors.pretrain_samples: each text + eos, concatenated, cut
-    into cutoff_len blocks as soon as a block is full; the tail of the epoch is dropped."""
-    flat: list[int] = []
-    for doc in docs:
-        flat += doc.input_ids + [eos_id]
-        full = len(flat) - len(flat) % cutoff_len
-        for start in range(0, full, cutoff_len):
-            block = flat[start:start + cutoff_len]
-            yield Sample(block, list(block))
-        del flat[:full]
 
 
 def _packed(samples: Iterable[Sample], cutoff_len: int, window: int, rng: random.Random | None) -> Iterator[Sample]:
@@ -289,13 +269,14 @@ def locate_json_error(specs) -> str | None:
 
 
 def encoded_stream(config: Config, tokenizer, dataset_names: str):
-    """The datasets' rows read lazily, encoded with the map path's `_encode_row` and mixed as
-    configured: (a `datasets.IterableDataset` of ENCODED_COLUMNS, re-iterable from the start;
-    the dataset specs)."""
+    """The datasets' rows read lazily, encoded by the same RowEncoder as the map path and mixed as
+    configured: (a `datasets.IterableDataset` of the stage's encoded columns, re-iterable from the
+    start; the dataset specs)."""
     from megatune.data.registry import data_files, load_rows, mix_datasets, resolve_datasets
     from megatune.data.templates import get_template
 
     d = config.data
+    stage = get_stage(config.training.stage)
     template = get_template(d.template or "auto")
     parts = []
     specs = resolve_datasets(dataset_names, d.dataset_dir)
@@ -304,15 +285,12 @@ def encoded_stream(config: Config, tokenizer, dataset_names: str):
         if all(Path(f).stat().st_size == 0 for f in files):  # the streaming reader fails obscurely
             raise DataError(f"dataset '{spec.name}': {', '.join(files)} holds no rows")
         rows = load_rows(spec, d.dataset_dir, streaming=True, max_samples=d.max_samples, seed=config.training.seed)
-        encode = partial(
-            _encode_row, spec=spec, template=template, tokenizer=tokenizer, config=config, file_label=f"file {spec.file_name}"
-        )
+        encode = RowEncoder(stage, spec, template, tokenizer, d)
         if rows.column_names:
             parts.append(rows.map(encode, with_indices=True, remove_columns=rows.column_names))
         else:  # columns unknown until read: keep only ours after encoding
-            parts.append(rows.map(encode, with_indices=True).select_columns(list(ENCODED_COLUMNS)))
-    probs = [float(p) for p in d.interleave_probs.split(",")] if d.interleave_probs else None
-    return mix_datasets(parts, d.mix_strategy, probs, config.training.seed), specs
+            parts.append(rows.map(encode, with_indices=True).select_columns(encoded_columns(stage)))
+    return mix_datasets(parts, d.mix_strategy, interleave_probs(d), config.training.seed), specs
 
 
 def held_out_samples(rows: Iterable[dict], config: Config, tokenizer) -> list[Sample]:
@@ -322,10 +300,8 @@ def held_out_samples(rows: Iterable[dict], config: Config, tokenizer) -> list[Sa
     for row in rows:
         (bad if row["error"] else good).append(row)
     if bad and not config.data.skip_invalid:
-        more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise DataError(f"{bad[0]['error']}{more}; {FIX_HINT}")
-    columns = {c: [row[c] for row in good] for c in ENCODED_COLUMNS}
-    return _to_samples(columns, config, tokenizer)[0]
+        raise bad_rows_error([row["error"] for row in bad])
+    return to_samples(good, config, tokenizer)[0]
 
 
 def build_stream_source(
@@ -339,7 +315,6 @@ def build_stream_source(
     """(StreamSource, eval samples, live stats) for `streaming: true`. Validation is
     `eval_dataset` (loaded fully: it is small) or the first `val_size` rows (a count) of the
     mixed stream, which training then skips. Fails early when no sample can be read."""
-    from megatune.data.pipeline import load_encoded
     from megatune.data.registry import split_validation
 
     d = config.data
@@ -352,7 +327,7 @@ def build_stream_source(
     rows, specs = encoded_stream(config, tokenizer, d.dataset)
     evals: list[Sample] = []
     if d.eval_dataset:
-        evals = _to_samples(load_encoded(config, tokenizer, d.eval_dataset)[0], config, tokenizer)[0]
+        evals = to_samples(load_encoded(config, tokenizer, d.eval_dataset)[0], config, tokenizer)[0]
     elif d.val_size:
         rows, held_out = split_validation(rows, d.val_size, config.training.seed)
         evals = held_out_samples(held_out, config, tokenizer)
@@ -361,7 +336,7 @@ def build_stream_source(
         global_batch_size,
         config.training.seed,
         cutoff_len=d.cutoff_len,
-        stage=config.training.stage,
+        stage=get_stage(config.training.stage),
         eos_id=tokenizer.eos_token_id,
         packing=bool(d.packing),
         skip_invalid=d.skip_invalid,

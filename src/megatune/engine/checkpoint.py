@@ -124,19 +124,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _use_in_process_results_queue() -> None:
-    """Megatron's checkpoint writer reports results through a `multiprocessing.Manager` queue,
-    which starts a *spawned* server process that outlives a crashed trainer (and re-imports the
-    launching script). We save synchronously, so results never cross a process boundary: a plain
-    in-process queue does the same job without the extra process."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save_checkpoint(
     output_dir: str,
     step: int,
@@ -158,7 +145,6 @@ def save_checkpoint(
             shutil.rmtree(stale)  # a save that crashed earlier
         tmp.mkdir(parents=True)
     dist.barrier()
-    _use_in_process_results_queue()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank()}.pt")

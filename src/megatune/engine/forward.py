@@ -1,4 +1,4 @@
-"""One micro-batch through a Megatron GPTModel chunk: inputs, packed-sequence params, token losses."""
+"""Model inputs that Megatron builds from a collated batch: packed-sequence parameters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatune.data.collator import Batch
-from megatune.data.processors import IGNORE
 
 
 def packed_seq_params(batch: Batch, device: torch.device) -> PackedSeqParams | None:
@@ -24,21 +23,3 @@ def packed_seq_params(batch: Batch, device: torch.device) -> PackedSeqParams | N
         max_seqlen_kv=longest,
         cp_group=ps.get_context_parallel_group(),
     )
-
-
-def token_losses(model, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Per-token cross-entropy [b, s] (fp32) on the last stage; zero where labels are IGNORE.
-
-    Megatron's vocab-parallel cross-entropy takes targets as given, so `batch.labels` must
-    already be next-token targets (the collator shifts them, once).
-    """
-    labels = batch.labels.to(device)
-    mask = labels != IGNORE
-    losses = model(
-        batch.tokens.to(device),
-        batch.position_ids.to(device),
-        None,
-        labels=torch.where(mask, labels, torch.zeros_like(labels)),
-        packed_seq_params=packed_seq_params(batch, device),
-    )
-    return losses.float() * mask

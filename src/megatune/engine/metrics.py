@@ -1,11 +1,13 @@
 """Training metrics: model FLOPs, throughput, memory, and where the numbers go (console,
 `trainer_log.jsonl`, TensorBoard, a loss plot).
 
-Model FLOPs per step (what "model TFLOP/s" counts, the same convention as DESIGN.md §4):
+Model FLOPs per step (what "model TFLOP/s" counts, the same convention as DESIGN.md §4) come
+from the model family (models/provider.py `step_flops`); for decoders:
   6 x (matmul parameters) x (real tokens)  +  6 x (q heads x head_dim) x sum(doc_len^2) x layers
 The first term is forward (2) plus backward (4) for every linear layer including the output
-layer (embedding lookups are free; MoE layers count the router and the top-k experts only); the second is causal attention's two matmuls
-(QK^T and AV: 2 x 2 x s^2/2 each way forward, x3 for backward). Padding is not counted.
+layer (embedding lookups are free; MoE layers count the router and the top-k experts only); the
+second is causal attention's two matmuls (QK^T and AV: 2 x 2 x s^2/2 each way forward, x3 for
+backward). Padding is not counted.
 """
 
 from __future__ import annotations
@@ -18,40 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def matmul_params(hf: dict) -> int:
-    """Parameters that take part in a matmul per token. MoE layers count the router and only
-    the `num_experts_per_tok` experts a token is routed to (active parameters)."""
-    h = hf["hidden_size"]
-    heads = hf["num_attention_heads"]
-    kv = hf.get("num_key_value_heads") or heads
-    d = hf.get("head_dim") or h // heads
-    attention = h * heads * d * 2 + h * kv * d * 2
-    dense_mlp = 3 * h * hf["intermediate_size"]
-    from megatune.models.moe import moe_layer_freq, num_experts
-
-    experts = num_experts(hf) if (hf.get("num_experts") or hf.get("num_local_experts")) else 0
-    total = h * hf["vocab_size"]
-    if not experts:
-        return total + (attention + dense_mlp) * hf["num_hidden_layers"]
-    expert_ffn = hf.get("moe_intermediate_size") or hf["intermediate_size"]  # Mixtral: intermediate_size
-    shared_ffn = hf.get("shared_expert_intermediate_size") or 0  # Qwen2-MoE: always-on shared expert
-    routed = h * experts + hf["num_experts_per_tok"] * 3 * h * expert_ffn
-    if shared_ffn:
-        routed += 3 * h * shared_ffn + h  # + its sigmoid gate
-    for sparse in moe_layer_freq(hf):
-        total += attention + (routed if sparse else dense_mlp)
-    return total
-
-
-def step_flops(hf: dict, doc_lens: list[int]) -> float:
-    """Model FLOPs of one training step over documents of the given lengths (fwd + bwd)."""
-    heads = hf["num_attention_heads"]
-    d = hf.get("head_dim") or hf["hidden_size"] // heads
-    tokens = sum(doc_lens)
-    attention = 6 * heads * d * sum(n * n for n in doc_lens) * hf["num_hidden_layers"]
-    return 6.0 * matmul_params(hf) * tokens + attention
 
 
 def peak_memory_gb() -> float:
@@ -147,8 +115,9 @@ def plot_loss(rows: list[dict], out_path: Path) -> str | None:
 class Throughput:
     """Tokens/s and model TFLOP/s per GPU over the steps since the last report."""
 
-    def __init__(self, hf: dict, world_size: int):
-        self.hf, self.world = hf, world_size
+    def __init__(self, step_flops, world_size: int):
+        """`step_flops(doc_lens) -> FLOPs` is the model's formula (ModelBundle.step_flops)."""
+        self.step_flops, self.world = step_flops, world_size
         self.reset()
 
     def reset(self) -> None:
@@ -158,7 +127,7 @@ class Throughput:
 
     def add(self, doc_lens: list[int]) -> None:
         self.tokens += sum(doc_lens)
-        self.flops += step_flops(self.hf, doc_lens)
+        self.flops += self.step_flops(doc_lens)
 
     def report(self) -> dict:
         seconds = max(time.perf_counter() - self.start, 1e-9)
@@ -230,8 +199,9 @@ class ExpertLoad:
         for layer, counts in self.counts.items():
             table[layer - 1] += counts.cpu()
         self.counts.clear()
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        table = table.to(device)
+        from megatune.distributed import device
+
+        table = table.to(device())
         dist.all_reduce(table)
         out = {}
         for i, row in enumerate(table.cpu()):

@@ -22,15 +22,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatune.config import Config, ConfigError, Layout
-from megatune.data.collator import pad_multiple_for
-from megatune.data.processors import IGNORE, Sample
+from megatune.data.collator import mask_out, pad_multiple_for
 from megatune.data.source import rank_share
+from megatune.distributed import device
 from megatune.engine import checkpoint as ckpt
 from megatune.engine.metrics import ExpertLoad, MetricsLog, Throughput, format_row, moe_aux_loss, peak_memory_gb, plot_loss
 from megatune.engine.optim import build_optimizer, build_scheduler, schedule_problems, wrap_ddp
-from megatune.data.pipeline import apply_config_template_eos
+from megatune.engine.step import StepResult, evaluate, micro_batches, train_step, uniform_length
 from megatune.models.hf_io import save_tokenizer
-from megatune.engine.step import evaluate, micro_batches, train_step, uniform_length
+from megatune.stages import get_stage
 
 
 class TrainingError(Exception):
@@ -59,13 +59,9 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=_device())
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _say(message: str) -> None:
@@ -108,7 +104,7 @@ def _prepare_output_dir(config: Config) -> None:
 
 
 def _build_data(config: Config, tokenizer, layout: Layout):
-    from megatune.data.pipeline import build_train_source
+    from megatune.data.source import build_train_source
 
     source = evals = stats = None
     for turn in (0, 1):  # rank 0 encodes first and fills the cache; the others then read it
@@ -138,16 +134,6 @@ def _eval_every(config: Config, steps_per_epoch: int | None) -> int | None:
     return t.logging_steps if t.eval_strategy == "steps" else None
 
 
-def _eval_batches(evals: list[Sample], config: Config, layout: Layout, pad_id: int, pad_multiple: int):
-    """This rank's evaluation micro-batches; ranks short of samples get a fully masked one."""
-    mine = evals[ps.get_data_parallel_rank()::layout.dp]
-    if not mine:
-        mine = [Sample([pad_id], [IGNORE])]
-    mbs, packed = config.training.per_device_eval_batch_size, bool(config.data.packing)
-    length = uniform_length(evals, mbs, pad_multiple, packed) if _needs_uniform_length(layout) else None
-    return [micro_batches(mine, mbs, pad_id, pad_multiple, packed, length)]
-
-
 def _needs_uniform_length(layout: Layout) -> bool:
     """Pipeline parallelism and expert parallelism need one micro-batch shape per step."""
     return layout.pp > 1 or layout.ep > 1
@@ -170,15 +156,15 @@ def train(config: Config, layout: Layout) -> int:
     from megatune.models.weights import export_hf, load_hf_weights
 
     t, model_dir = config.training, config.model.model_name_or_path
+    stage = get_stage(t.stage)
     _check_run_keys(config)
     _prepare_output_dir(config)
     resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eos_note = apply_config_template_eos(config, tokenizer)
+    eos_note = stage.prepare_tokenizer(config, tokenizer)
     if eos_note:
         _say(eos_note)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     source, evals, stats = _build_data(config, tokenizer, layout)
     steps = total_steps(config, source.steps_per_epoch)
     if schedule_problems(config, steps):
@@ -198,16 +184,16 @@ def train(config: Config, layout: Layout) -> int:
         state = ckpt.TrainerState(saved["step"], saved["skipped_steps"], saved["consumed_samples"])
         _say(f"resumed from {resume} at step {state.step}")
 
-    log = MetricsLog(t.output_dir, t.report_to, state.step) if dist.get_rank() == 0 else None
+    run = Run(config, layout, stage, bundle, model, optimizer, scheduler, source, evals, state, steps,
+              pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+              tokenizer_to_save=tokenizer if eos_note else None)
     stop = StopFlag()
     stop.install()
     try:
-        stopped = _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, state, steps, pad_id, log,
-                        stop, tokenizer, bool(eos_note))
+        stopped = run.loop(stop)
     finally:
         stop.restore()
-        if log is not None:
-            log.close()
+        run.close()
     if stopped is not None:
         _say(f"stopped by signal {stopped} at step {state.step}; checkpoint saved. Continue with "
              f"--resume_from_checkpoint auto --output_dir {t.output_dir}")
@@ -218,7 +204,7 @@ def train(config: Config, layout: Layout) -> int:
         if eos_note:
             save_tokenizer(tokenizer, Path(t.output_dir))
         if t.plot_loss:
-            problem = plot_loss(log.rows(), Path(t.output_dir) / "training_loss.png")
+            problem = plot_loss(run.log.rows(), Path(t.output_dir) / "training_loss.png")
             if problem:
                 print(f"megatune: {problem}", file=sys.stderr)
         print(f"megatune: done: {state.step} steps ({state.skipped_steps} skipped); Hugging Face "
@@ -226,104 +212,183 @@ def train(config: Config, layout: Layout) -> int:
     return 0
 
 
-def _loop(config, layout, bundle, model, optimizer, scheduler, source, evals, state, steps, pad_id, log, stop,
-          tokenizer=None, eos_replaced=False):
-    """Run steps until done; returns the signal number if a signal stopped training, else None."""
-    t = config.training
-    pad_multiple = pad_multiple_for(layout.tp, layout.cp, config.parallel.sequence_parallel)
-    packed = bool(config.data.packing)
-    uniform = _needs_uniform_length(layout)
-    eval_every = _eval_every(config, source.steps_per_epoch) if evals else None
-    throughput = Throughput(bundle.hf, layout.world_size)
-    load = ExpertLoad(bundle.chunks) if config.parallel.moe_log_load and bundle.config.num_moe_experts else None
-    window_loss = window_tokens = 0.0
-    window_aux: list[float] = []  # MoE load-balancing loss of each step since the last row
-    nonfinite_in_row = 0
-    last_grad_norm = None
-    progress = _progress(state.step, steps)
-    started = time.perf_counter()
-    first_step = state.step
-    while state.step < steps:
-        global_batch = source.next_global_batch()
-        share = rank_share(global_batch, ps.get_data_parallel_rank(), layout.dp)
-        lr = scheduler.get_lr(optimizer.param_groups[0])  # the rate this step uses
-        length = uniform_length(global_batch, layout.micro_batch_size, pad_multiple, packed) if uniform else None
-        batches = micro_batches(share, layout.micro_batch_size, pad_id, pad_multiple, packed, length)
-        result = train_step(model, optimizer, batches)
-        scheduler.step(increment=1)
-        aux = moe_aux_loss(len(batches))
-        if aux is not None:
-            window_aux.append(aux)
+class LogWindow:
+    """The steps since the last log row: the stage's metrics averaged with each step's unit count
+    as weight (skipped steps left out), the MoE load-balancing loss, the last gradient norm."""
+
+    def __init__(self, units_key: str):
+        self.units_key = units_key
+        self.last_grad_norm: float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+        self.aux: list[float] = []
+
+    def add(self, result: StepResult, aux_loss: float | None) -> None:
+        if aux_loss is not None:
+            self.aux.append(aux_loss)
+        if result.skipped:
+            return
+        for key, value in result.metrics.items():
+            if key != self.units_key:
+                self.sums[key] = self.sums.get(key, 0.0) + value * result.units
+        self.weight += result.units
+        self.last_grad_norm = result.grad_norm
+
+    def metrics(self) -> dict:
+        means = {k: v / self.weight for k, v in self.sums.items()} if self.weight else {"loss": math.nan}
+        return {**means, **({"aux_loss": sum(self.aux) / len(self.aux)} if self.aux else {})}
+
+
+@dataclass
+class Run:
+    """One training run's moving parts; `loop` runs the steps with logging, evaluation, saving."""
+
+    config: Config
+    layout: Layout
+    stage: object  # stages.Stage
+    bundle: object  # models.build.ModelBundle
+    model: list
+    optimizer: object
+    scheduler: object
+    source: object  # data.source.SampleSource
+    evals: list
+    state: ckpt.TrainerState
+    steps: int
+    pad_id: int
+    tokenizer_to_save: object = None  # saved with checkpoints when the run changed its eos
+
+    def __post_init__(self):
+        c, t = self.config, self.config.training
+        self.pad_multiple = pad_multiple_for(self.layout.tp, self.layout.cp, c.parallel.sequence_parallel)
+        self.packed = bool(c.data.packing)
+        self.eval_every = _eval_every(c, self.source.steps_per_epoch) if self.evals else None
+        self.throughput = Throughput(self.bundle.step_flops, self.layout.world_size)
+        moe_load = c.parallel.moe_log_load and self.bundle.config.num_moe_experts
+        self.expert_load = ExpertLoad(self.bundle.chunks) if moe_load else None
+        self.window = LogWindow(units_key=self.stage.sum_names[1])
+        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step) if dist.get_rank() == 0 else None
+        self.nonfinite_in_row = 0
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    def micro_batches(self, global_batch: list, share: list, micro_batch_size: int) -> list:
+        """Collated micro-batches of this rank's share; pipeline- and expert-parallel runs pad
+        every micro-batch of the step to one length (see engine/step.py:uniform_length)."""
+        length = None
+        if _needs_uniform_length(self.layout):
+            length = uniform_length(self.stage, global_batch, micro_batch_size, self.pad_multiple, self.packed)
+        return micro_batches(self.stage, share, micro_batch_size, self.pad_id, self.pad_multiple, self.packed, length)
+
+    def loop(self, stop: StopFlag) -> int | None:
+        """Run steps until done; returns the signal number if a signal stopped training, else None."""
+        progress = _progress(self.state.step, self.steps)
+        self.started, self.first_step = time.perf_counter(), self.state.step
+        while self.state.step < self.steps:
+            result = self.step()
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss:.4f}")
+            row = self.log_row(result) if self.due(self.config.training.logging_steps) else None
+            if self.eval_every and self.due(self.eval_every):
+                row = {**(row or {"step": self.state.step, "total_steps": self.steps}), **self.evaluate()}
+            if row is not None and self.log is not None:
+                self.log.write(row)
+                _write_line(progress, format_row(row))
+            stopping = stop.agreed()
+            if self.due(self.config.training.save_steps, at_end=False) or stopping:
+                self.save()
+            if stopping:
+                return stop.signum or signal.SIGTERM
+        if progress is not None:
+            progress.close()
+        return None
+
+    def due(self, every: int, at_end: bool = True) -> bool:
+        return self.state.step % every == 0 or (at_end and self.state.step == self.steps)
+
+    def step(self) -> StepResult:
+        """One optimizer step on the next global batch; stops training after too many
+        non-finite steps in a row."""
+        t, state = self.config.training, self.state
+        global_batch = self.source.next_global_batch()
+        share = rank_share(global_batch, ps.get_data_parallel_rank(), self.layout.dp)
+        self.lr = self.scheduler.get_lr(self.optimizer.param_groups[0])  # the rate this step uses
+        batches = self.micro_batches(global_batch, share, self.layout.micro_batch_size)
+        result = train_step(self.stage, self.bundle.provider, self.model, self.optimizer, batches)
+        self.scheduler.step(increment=1)
+        self.window.add(result, moe_aux_loss(len(batches)))
         state.step += 1
         state.consumed_samples += len(global_batch)
-        throughput.add([n for s in global_batch for n in s.doc_lens])
-        if result.skipped:
-            state.skipped_steps += 1
-            nonfinite_in_row += 1
-            _say(f"step {state.step}: loss {result.loss} or gradients not finite; update skipped "
-                 f"({nonfinite_in_row} in a row)")
-            if nonfinite_in_row >= t.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step "
-                    f"{state.step}); stopping. Lower learning_rate, check the data, or raise max_nonfinite_steps"
-                )
-        else:
-            nonfinite_in_row = 0
-            window_loss += result.loss * result.tokens
-            window_tokens += result.tokens
-            last_grad_norm = result.grad_norm
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{result.loss:.4f}")
-        row = None
-        if state.step % t.logging_steps == 0 or state.step == steps:
-            elapsed = time.perf_counter() - started
-            row = {
-                "step": state.step,
-                "total_steps": steps,
-                "epoch": state.step / source.steps_per_epoch if source.steps_per_epoch else None,
-                "loss": window_loss / window_tokens if window_tokens else math.nan,
-                **({"aux_loss": sum(window_aux) / len(window_aux)} if window_aux else {}),
-                **({"expert_load": load.report(bundle.config.num_layers, bundle.config.num_moe_experts)} if load else {}),
-                "lr": lr,
-                "grad_norm": last_grad_norm,
-                "loss_tokens": result.tokens,
-                **throughput.report(),
-                "peak_mem_gb": _max_over_ranks(peak_memory_gb()),
-                "skipped_steps": state.skipped_steps,
-                "elapsed_s": elapsed,
-                "remaining_s": elapsed / (state.step - first_step) * (steps - state.step),
-            }
-            window_loss = window_tokens = 0.0
-            window_aux.clear()
-        if eval_every and (state.step % eval_every == 0 or state.step == steps):
-            with synced_params(model):
-                eval_loss = evaluate(model, _eval_batches(evals, config, layout, pad_id, pad_multiple))
-            row = row or {"step": state.step, "total_steps": steps}
-            row["eval_loss"] = eval_loss
-        if row is not None and log is not None:
-            log.write(row)
-            _write_line(progress, format_row(row))
-        stopping = stop.agreed()
-        if state.step % t.save_steps == 0 or stopping:
-            with synced_params(model):
-                path = ckpt.save_checkpoint(
-                    t.output_dir, state.step, bundle.chunks, optimizer, scheduler,
-                    {"data": source.state_dict(), "skipped_steps": state.skipped_steps,
-                     "consumed_samples": state.consumed_samples},
-                    config, config.model.model_name_or_path, t.save_total_limit,
-                    tokenizer=tokenizer if eos_replaced else None,
-                )
-            _say(f"saved {path}")
-        if stopping:
-            return stop.signum or signal.SIGTERM
-    if progress is not None:
-        progress.close()
-    return None
+        self.throughput.add([n for s in global_batch for n in s.doc_lens])
+        if not result.skipped:
+            self.nonfinite_in_row = 0
+            return result
+        state.skipped_steps += 1
+        self.nonfinite_in_row += 1
+        _say(f"step {state.step}: loss {result.loss} or gradients not finite; update skipped "
+             f"({self.nonfinite_in_row} in a row)")
+        if self.nonfinite_in_row >= t.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step "
+                f"{state.step}); stopping. Lower learning_rate, check the data, or raise max_nonfinite_steps"
+            )
+        return result
+
+    def log_row(self, result: StepResult) -> dict:
+        state, elapsed = self.state, time.perf_counter() - self.started
+        load = self.expert_load
+        row = {
+            "step": state.step,
+            "total_steps": self.steps,
+            "epoch": state.step / self.source.steps_per_epoch if self.source.steps_per_epoch else None,
+            **self.window.metrics(),
+            **({"expert_load": load.report(self.bundle.config.num_layers, self.bundle.config.num_moe_experts)}
+               if load else {}),
+            "lr": self.lr,
+            "grad_norm": self.window.last_grad_norm,
+            self.window.units_key: result.units,
+            **self.throughput.report(),
+            "peak_mem_gb": _max_over_ranks(peak_memory_gb()),
+            "skipped_steps": state.skipped_steps,
+            "elapsed_s": elapsed,
+            "remaining_s": elapsed / (state.step - self.first_step) * (self.steps - state.step),
+        }
+        self.window.reset()
+        return row
+
+    def evaluate(self) -> dict:
+        """The stage's metrics on the evaluation set, as `eval_<name>` fields."""
+        evals, layout = self.evals, self.layout
+        mine = evals[ps.get_data_parallel_rank()::layout.dp]
+        mbs = self.config.training.per_device_eval_batch_size
+        length = uniform_length(self.stage, evals, mbs, self.pad_multiple, self.packed) if _needs_uniform_length(layout) else None
+        batches = micro_batches(self.stage, mine or evals[:1], mbs, self.pad_id, self.pad_multiple, self.packed, length)
+        if not mine:  # a rank short of samples still joins the collectives, counting nothing
+            batches = [mask_out(b) for b in batches]
+        with synced_params(self.model):
+            metrics = evaluate(self.stage, self.bundle.provider, self.model, [batches])
+        return {f"eval_{k}": v for k, v in metrics.items() if k != self.window.units_key}
+
+    def save(self) -> None:
+        state, t = self.state, self.config.training
+        with synced_params(self.model):
+            path = ckpt.save_checkpoint(
+                t.output_dir, state.step, self.bundle.chunks, self.optimizer, self.scheduler,
+                {"data": self.source.state_dict(), "skipped_steps": state.skipped_steps,
+                 "consumed_samples": state.consumed_samples},
+                self.config, self.config.model.model_name_or_path, t.save_total_limit,
+                tokenizer=self.tokenizer_to_save,
+            )
+        _say(f"saved {path}")
 
 
 def _max_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], device=_device())
+    tensor = torch.tensor([value], device=device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
 

@@ -1,38 +1,48 @@
-"""Build Megatron GPTModel chunks for an HF checkpoint under the current parallel layout."""
+"""Build this rank's Megatron model chunks for an HF checkpoint under the current parallel layout.
+
+The family's provider supplies the checkpoint-dependent `TransformerConfig` fields and builds
+each chunk; this module adds the run's parallel/precision settings, which are the same for
+every family, and tags tensor-parallel weights.
+"""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from transformers import AutoConfig, PretrainedConfig
 
 from megatune.config import Config
-from megatune.layers.spec import decoder_spec
-from megatune.models import get_family
-from megatune.models.family import Family, dense_transformer_kwargs, head_dim, rope_theta
-from megatune.models.mappings import Shapes
+from megatune.models import get_provider
+from megatune.models.mappings import Mapping, Shapes
+from megatune.models.provider import ModelProvider
 
 
 @dataclass
 class ModelBundle:
     """Everything later stages need about the model being trained."""
 
-    chunks: list[GPTModel]  # one per virtual pipeline stage held by this rank
-    family: Family
+    chunks: list[torch.nn.Module]  # one per virtual pipeline stage held by this rank
+    provider: ModelProvider
     hf_config: PretrainedConfig
     hf: dict
-    shapes: Shapes
     config: TransformerConfig
+    mappings: tuple[Mapping, ...]  # the provider's table for this checkpoint's on-disk layout
 
     @property
     def tied(self) -> bool:
-        return bool(self.hf.get("tie_word_embeddings"))
+        return self.provider.tied_embeddings(self.hf)
+
+    @property
+    def shapes(self) -> Shapes:
+        """Attention head layout the fused-QKV mappings split by."""
+        return Shapes(self.config.num_attention_heads, self.config.num_query_groups, self.config.kv_channels)
+
+    def step_flops(self, doc_lens: list[int]) -> float:
+        return self.provider.step_flops(self.hf, doc_lens)
 
 
 def load_hf_config(model_dir: str) -> tuple[PretrainedConfig, dict]:
@@ -49,13 +59,13 @@ def param_dtype(config: Config) -> torch.dtype:
     return torch.float32
 
 
-def transformer_config(config: Config, hf: dict, family: Family) -> TransformerConfig:
+def transformer_config(config: Config, hf: dict, provider: ModelProvider) -> TransformerConfig:
+    """The provider's checkpoint fields plus the run's layout, precision and recompute keys."""
     p = config.parallel
     dtype = param_dtype(config)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
-        **dense_transformer_kwargs(hf, family),
-        **_moe_options(family.moe_kwargs(hf, config), config),
+        **provider.transformer_kwargs(hf, config),
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
@@ -80,54 +90,44 @@ def transformer_config(config: Config, hf: dict, family: Family) -> TransformerC
         # micro-batch of a step to the same length); Megatron's per-message shape exchange
         # deadlocks the interleaved schedule.
         variable_seq_lengths=False,
-        # The trainer's loss is a global token mean (engine/optim.py). Set at build time: the MoE
-        # router reads it in its constructor to scale the aux loss to match.
+        # The trainer's loss is a global sum over the stage's loss units (engine/optim.py). Set at
+        # build time: the MoE router reads it in its constructor to scale the aux loss to match.
         calculate_per_token_loss=True,
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
     )
 
 
-def _moe_options(moe: dict, config: Config) -> dict:
-    """A MoE family's translated HF fields plus the run's token-dropping options."""
-    if not moe:
-        return moe
-    p = config.parallel
-    return {
-        **moe,
-        "moe_expert_capacity_factor": p.moe_expert_capacity_factor,
-        "moe_token_drop_policy": p.moe_token_drop_policy,
-        "moe_pad_expert_input_to_capacity": p.moe_pad_expert_input_to_capacity,
-    }
-
-
 def build_model(config: Config, model_dir: str) -> ModelBundle:
+    """Read `model_dir/config.json`, build this rank's chunks (random-free: weights come from
+    `models/weights.py:load_hf_weights` or a checkpoint). Raises UnsupportedModelError."""
     hf_config, hf = load_hf_config(model_dir)
-    family = get_family(hf, f"{model_dir}/config.json")
-    tc = transformer_config(config, hf, family)
+    provider = get_provider(hf, f"{model_dir}/config.json")
+    tc = transformer_config(config, hf, provider)
     vpp = config.parallel.virtual_pipeline_model_parallel_size
-    inv_freq = hf_inv_freq(family, hf_config)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = GPTModel(
-            config=tc,
-            transformer_layer_spec=decoder_spec(tc, family.qk_layernorm, stage),
-            vocab_size=hf["vocab_size"],
-            max_sequence_length=hf.get("max_position_embeddings") or 4096,
+        model = provider.build_chunk(
+            tc, hf, hf_config, stage,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings")),
-            position_embedding_type="rope",
-            rotary_base=int(rope_theta(hf)),
-            vp_stage=stage,
         )
-        model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
         mark_tensor_parallel_weights(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
-    shapes = Shapes(tc.num_attention_heads, tc.num_query_groups, head_dim(hf))
-    return ModelBundle(chunks, family, hf_config, hf, shapes, tc)
+    return ModelBundle(chunks, provider, hf_config, hf, tc, provider.mappings(hf, checkpoint_weight_names(model_dir)))
+
+
+def checkpoint_weight_names(model_dir: str) -> set[str] | None:
+    """Tensor names of the safetensors in `model_dir`, None when it holds none (e.g. the `hf/`
+    side folder of a training checkpoint)."""
+    from megatune.models.hf_io import CheckpointError, SafetensorsSource
+
+    try:
+        return set(SafetensorsSource(model_dir).file_of)
+    except CheckpointError:
+        return None
 
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
@@ -148,16 +148,3 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
         weight = getattr(module, "weight", None)
         if weight is not None and not hasattr(weight, "tensor_model_parallel"):
             tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
-
-
-def hf_inv_freq(family: Family, hf_config: PretrainedConfig) -> torch.Tensor:
-    """Rotary inverse frequencies computed by transformers itself (default, llama3, linear).
-
-    Megatron's own llama3 scaling hard-codes the low/high frequency factors and the original
-    context length; taking HF's tensor makes every scaling variant match by construction.
-    """
-    module_name, cls_name = family.rotary_embedding.rsplit(".", 1)
-    rotary = getattr(importlib.import_module(module_name), cls_name)(config=hf_config)
-    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
-        raise ValueError("rope variants that rescale attention (e.g. yarn) are not supported yet")
-    return rotary.inv_freq.detach().float().cpu()

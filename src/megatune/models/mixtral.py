@@ -7,7 +7,7 @@ probabilities, i.e. Megatron's default top-k-then-softmax (models/moe.py).
 """
 
 from megatune.models import moe
-from megatune.models.family import Family, check_rope, dense_decoder_mappings
+from megatune.models.decoder import DecoderProvider, check_rope, dense_decoder_mappings
 
 
 def check_no_sliding_window(hf: dict) -> str | None:
@@ -29,10 +29,10 @@ def moe_kwargs(hf: dict, config) -> dict:
     return moe.moe_kwargs(hf, config, expert_ffn=hf["intermediate_size"], renormalise=True)
 
 
-FAMILY = Family(
+PROVIDER = DecoderProvider(
     model_type="mixtral",
     rotary_embedding="transformers.models.mixtral.modeling_mixtral.MixtralRotaryEmbedding",
-    mappings=dense_decoder_mappings(qkv_bias=False, qk_norm=False)
+    decoder_mappings=dense_decoder_mappings(qkv_bias=False, qk_norm=False)
     + moe.expert_mappings(
         "model.layers.{layer}.block_sparse_moe.gate.weight",
         "model.layers.{layer}.block_sparse_moe.experts.{expert}",

@@ -29,6 +29,19 @@ def moe_layer_freq(hf: dict) -> list[int]:
     return [int(i not in dense and (i + 1) % step == 0) for i in range(hf["num_hidden_layers"])]
 
 
+def active_expert_params(hf: dict) -> int:
+    """Matmul parameters of one sparse MLP that a token uses: the router, its top-k experts and
+    (Qwen2-MoE) the always-on shared expert with its sigmoid gate. Mixtral's experts are
+    `intermediate_size` wide; the Qwens' `moe_intermediate_size`."""
+    h = hf["hidden_size"]
+    expert_ffn = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+    params = h * num_experts(hf) + hf["num_experts_per_tok"] * 3 * h * expert_ffn
+    shared_ffn = hf.get("shared_expert_intermediate_size") or 0
+    if shared_ffn:
+        params += 3 * h * shared_ffn + h
+    return params
+
+
 def aux_loss_coeff(hf: dict, config) -> float:
     """The YAML's `moe_aux_loss_coeff`, else the HF config's `router_aux_loss_coef`, unchanged."""
     coeff = config.parallel.moe_aux_loss_coeff

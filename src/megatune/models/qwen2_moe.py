@@ -9,7 +9,7 @@ sigmoid(shared_expert_gate(x)): Megatron's SharedExpertMLP with `moe_shared_expe
 """
 
 from megatune.models import moe
-from megatune.models.family import Family, check_rope, dense_decoder_mappings
+from megatune.models.decoder import DecoderProvider, check_rope, dense_decoder_mappings
 
 
 def check_no_sliding_window(hf: dict) -> str | None:
@@ -29,10 +29,10 @@ def moe_kwargs(hf: dict, config) -> dict:
     )
 
 
-FAMILY = Family(
+PROVIDER = DecoderProvider(
     model_type="qwen2_moe",
     rotary_embedding="transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeRotaryEmbedding",
-    mappings=dense_decoder_mappings(qkv_bias=True, qk_norm=False)
+    decoder_mappings=dense_decoder_mappings(qkv_bias=True, qk_norm=False)
     + moe.QWEN_EXPERT_MAPPINGS
     + moe.shared_expert_mappings("model.layers.{layer}.mlp.shared_expert", "model.layers.{layer}.mlp.shared_expert_gate.weight"),
     qkv_bias=lambda hf: bool(hf.get("qkv_bias", True)),

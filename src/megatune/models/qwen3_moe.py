@@ -2,10 +2,7 @@
 (renormalised when `norm_topk_prob`; see models/moe.py)."""
 
 from megatune.models import moe
-from megatune.models.family import Family, check_no_attention_bias, check_rope, dense_decoder_mappings
-
-moe_layer_freq = moe.moe_layer_freq
-
+from megatune.models.decoder import DecoderProvider, check_no_attention_bias, check_rope, dense_decoder_mappings
 
 def moe_kwargs(hf: dict, config) -> dict:
     return moe.moe_kwargs(
@@ -13,10 +10,10 @@ def moe_kwargs(hf: dict, config) -> dict:
     )
 
 
-FAMILY = Family(
+PROVIDER = DecoderProvider(
     model_type="qwen3_moe",
     rotary_embedding="transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeRotaryEmbedding",
-    mappings=dense_decoder_mappings(qkv_bias=False, qk_norm=True)
+    decoder_mappings=dense_decoder_mappings(qkv_bias=False, qk_norm=True)
     + moe.QWEN_EXPERT_MAPPINGS,
     qk_layernorm=True,
     checks=(check_rope, check_no_attention_bias),

@@ -26,7 +26,7 @@ from megatune.models.hf_io import (
 )
 from megatune.models.mappings import Mapping, for_expert, for_local_experts
 
-_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_LAYER = re.compile(r"^((?:\w+\.)*?)decoder\.layers\.(\d+)\.")  # (wrapper prefix, local index)
 # Transformer Engine fuses the pre-attention/pre-MLP norms into the next linear.
 _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -37,13 +37,14 @@ EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def global_params(chunk: torch.nn.Module):
-    """Yield (global Megatron name, parameter) for every parameter of one model chunk."""
-    layers = chunk.decoder.layers
+    """Yield (global Megatron name, parameter) for every parameter of one model chunk. A
+    wrapper (e.g. a vision-language model) may hold the decoder under a prefix."""
     for name, param in chunk.named_parameters():
         match = _LOCAL_LAYER.match(name)
         if match:
-            layer = layers[int(match.group(1))].layer_number - 1
-            name = f"decoder.layers.{layer}." + name[match.end():]
+            prefix = match.group(1)
+            layer = chunk.get_submodule(f"{prefix}decoder.layers")[int(match.group(2))].layer_number - 1
+            name = f"{prefix}decoder.layers.{layer}." + name[match.end():]
         for te_name, local_name in _TE_ALIASES.items():
             name = name.replace(te_name, local_name)
         yield name, param
@@ -60,7 +61,7 @@ def resolve(bundle: ModelBundle, name: str) -> Resolved:
     if name == OUTPUT_LAYER and bundle.tied:
         # With pipeline parallelism the last stage keeps its own copy of the tied embedding.
         name = EMBEDDING
-    for mapping in bundle.family.mappings:
+    for mapping in bundle.mappings:
         match = mapping.pattern().match(name)
         if match:
             groups = match.groupdict()
@@ -73,7 +74,7 @@ def resolve(bundle: ModelBundle, name: str) -> Resolved:
                 return Resolved(mapping, layer, False)
             local = int(groups["expert"])
             return Resolved(for_expert(mapping, local, first + local), layer, True)
-    raise KeyError(f"no {bundle.family.model_type} mapping for Megatron parameter '{name}'")
+    raise KeyError(f"no {bundle.provider.model_type} mapping for Megatron parameter '{name}'")
 
 
 def _tp(expert: bool) -> tuple[int, int, object]:
