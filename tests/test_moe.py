@@ -60,17 +60,17 @@ def test_qwen3_moe_matches_transformers_and_round_trips(moe_model, layout, exper
 def test_moe_config_translation(moe_model):
     from megatune.config import load_config
     from megatune.models.build import load_hf_config, transformer_config
-    from megatune.models import get_family
+    from megatune.models import get_provider
 
     _, hf = load_hf_config(moe_model)
     config = load_config(None, {"moe_aux_loss_coeff": 0.01})
-    tc = transformer_config(config, hf, get_family(hf))
+    tc = transformer_config(config, hf, get_provider(hf))
     assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size) == (4, 2, 32)
     assert tc.moe_layer_freq == [1, 0, 1, 1]  # layer 1 is in mlp_only_layers
     assert tc.moe_router_pre_softmax is False  # norm_topk_prob: softmax over the chosen k
     assert tc.moe_aux_loss_coeff == 0.01  # the YAML wins over router_aux_loss_coef
     assert tc.calculate_per_token_loss  # read by the router at construction to scale the aux loss
-    assert transformer_config(load_config(None, {}), hf, get_family(hf)).moe_aux_loss_coeff == hf["router_aux_loss_coef"]
+    assert transformer_config(load_config(None, {}), hf, get_provider(hf)).moe_aux_loss_coeff == hf["router_aux_loss_coef"]
 
 
 @pytest.mark.parametrize("experts", EXPERTS)

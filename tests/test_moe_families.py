@@ -65,16 +65,16 @@ def test_moe_family_training_step_matches_reference(moe_models, family, tmp_path
 
 def _translate(model_dir, **hf_overrides):
     from megatune.config import load_config
-    from megatune.models import get_family
+    from megatune.models import get_provider
     from megatune.models.build import load_hf_config, transformer_config
 
     _, hf = load_hf_config(model_dir)
     hf.update(hf_overrides)
-    return hf, transformer_config(load_config(None, {}), hf, get_family(hf))
+    return hf, transformer_config(load_config(None, {}), hf, get_provider(hf))
 
 
 def test_moe_family_config_translation(moe_models):
-    from megatune.models import UnsupportedModelError, get_family
+    from megatune.models import UnsupportedModelError, get_provider
     from megatune.models.moe import moe_layer_freq
 
     hf, tc = _translate(moe_models["mixtral"])
@@ -84,9 +84,9 @@ def test_moe_family_config_translation(moe_models):
     assert tc.moe_shared_expert_intermediate_size is None and not tc.add_qkv_bias and not tc.qk_layernorm
     assert tc.moe_aux_loss_coeff == hf["router_aux_loss_coef"]
     with pytest.raises(UnsupportedModelError, match="sliding_window: 4096 is not supported"):
-        get_family({**hf, "sliding_window": 4096})
+        get_provider({**hf, "sliding_window": 4096})
     with pytest.raises(UnsupportedModelError, match="router_jitter_noise"):
-        get_family({**hf, "router_jitter_noise": 0.01})
+        get_provider({**hf, "router_jitter_noise": 0.01})
 
     hf, tc = _translate(moe_models["qwen2_moe"])
     assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size, tc.ffn_hidden_size) == (4, 2, 32, 128)
@@ -97,7 +97,7 @@ def test_moe_family_config_translation(moe_models):
     assert _translate(moe_models["qwen2_moe"], norm_topk_prob=True)[1].moe_router_pre_softmax is False
     assert moe_layer_freq({"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}) == [0, 1, 0, 0, 0, 1]
     with pytest.raises(UnsupportedModelError, match="use_sliding_window"):
-        get_family({**hf, "use_sliding_window": True})
+        get_provider({**hf, "use_sliding_window": True})
     # the torch-native MoE spec carries the shared expert next to both expert kinds (MoELayer
     # builds it when moe_shared_expert_intermediate_size is set)
     from megatune.layers.experts import GroupedExperts

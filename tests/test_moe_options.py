@@ -16,13 +16,13 @@ def moe_model(tmp_path_factory):
 
 def test_capacity_options_reach_megatron(moe_model):
     from megatune.config import load_config
-    from megatune.models import get_family
+    from megatune.models import get_provider
     from megatune.models.build import load_hf_config, transformer_config
 
     _, hf = load_hf_config(moe_model)
     config = load_config(None, {"moe_expert_capacity_factor": 1.5, "moe_token_drop_policy": "position",
                                 "moe_pad_expert_input_to_capacity": True})
-    tc = transformer_config(config, hf, get_family(hf))
+    tc = transformer_config(config, hf, get_provider(hf))
     assert (tc.moe_expert_capacity_factor, tc.moe_token_drop_policy, tc.moe_pad_expert_input_to_capacity) == (1.5, "position", True)
     with pytest.raises(Exception, match="moe_token_drop_policy='random' is not supported"):
         load_config(None, {"moe_token_drop_policy": "random"})

@@ -90,11 +90,11 @@ def test_verify_fails_when_a_mapping_is_wrong(tiny_models, monkeypatch):
     from megatune.models.mappings import FusedQKV
     from megatune.verify import run_verify
 
-    family = models.FAMILIES["qwen3"]
+    provider = models.PROVIDERS["qwen3"]
     broken = tuple(
-        dataclasses.replace(m, k=m.v, v=m.k) if isinstance(m, FusedQKV) else m for m in family.mappings
+        dataclasses.replace(m, k=m.v, v=m.k) if isinstance(m, FusedQKV) else m for m in provider.decoder_mappings
     )
-    monkeypatch.setitem(models.FAMILIES, "qwen3", dataclasses.replace(family, mappings=broken))
+    monkeypatch.setitem(models.PROVIDERS, "qwen3", dataclasses.replace(provider, decoder_mappings=broken))
     config = load_config(None, {"model_name_or_path": tiny_models["qwen3"]})
     init_distributed(validate(config, 1), seed=0)
     try:
