@@ -283,7 +283,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(tmp_path, model_dir):
 
 def test_refusals(tmp_path, model_dir):
     cases = {
-        "stage: dpo": (dict(stage="dpo"), "stage='dpo' is not supported; choose one of: pt, sft"),
+        "stage: kto": (dict(stage="kto"), "stage='kto' is not supported; choose one of: pt, sft, dpo"),
         "lora": (dict(finetuning_type="lora"), "finetuning_type='lora' is not supported; choose one of: full"),
         "warmup": (dict(max_steps=4, warmup_steps=4), "warmup (4 steps) must be shorter than training (4 steps)"),
         "min_lr": (dict(max_steps=4, min_lr=1.0), "min_lr=1.0 is above learning_rate=0.001"),

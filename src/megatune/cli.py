@@ -120,13 +120,14 @@ def _data(rest: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
     first, count = None, 0
     try:
-        note = get_stage(config.training.stage).prepare_tokenizer(config, tokenizer)
+        note = get_stage(config).prepare_tokenizer(config, tokenizer)
         if note:
             print(f"megatune: {note}")
         samples, stats = _data_samples(config, tokenizer)
         with open(extras["output"], "w") as f:  # written as read: a stream never sits in memory
             for s in samples:
-                row = {"input_ids": s.input_ids, "labels": s.labels}
+                row = {f"{side}_{k}" if side else k: v for side, part in _parts(s) for k, v in
+                       (("input_ids", part.input_ids), ("labels", part.labels))}
                 if config.data.packing:
                     row["doc_lens"] = s.doc_lens
                 f.write(json.dumps(row) + "\n")
@@ -137,8 +138,16 @@ def _data(rest: list[str]) -> int:
     print(stats.line())
     if first is not None:
         print("first sample (learned tokens highlighted):")
-        print(render(first, tokenizer))
+        for side, part in _parts(first):
+            print(f"{side}: {render(part, tokenizer)}" if side else render(part, tokenizer))
     return 0
+
+
+def _parts(sample) -> list[tuple[str, object]]:
+    """(name, Sample) of what a sample holds: itself, or a preference pair's two sides."""
+    if hasattr(sample, "chosen"):
+        return [("chosen", sample.chosen), ("rejected", sample.rejected)]
+    return [("", sample)]
 
 
 def _data_samples(config, tokenizer):

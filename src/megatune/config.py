@@ -93,6 +93,13 @@ class TrainingSection:
     plot_loss: bool = False
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss/grad
     ddp_timeout: int = 1800
+    # stage: dpo (LLaMA-Factory's keys and defaults; stages/preference_loss.py)
+    pref_beta: float = 0.1
+    pref_loss: str = "sigmoid"
+    pref_ftx: float = 0.0
+    dpo_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    ref_model: Optional[str] = None  # reference checkpoint folder; None: the initial policy
 
 
 @dataclass
@@ -140,7 +147,8 @@ UNSUPPORTED_KEYS = {
 }
 
 CHOICES = {
-    "stage": ("pt", "sft"),
+    "stage": ("pt", "sft", "dpo"),
+    "pref_loss": ("sigmoid", "hinge", "ipo", "orpo", "simpo"),
     "finetuning_type": ("full",),
     "lr_scheduler_type": ("constant", "constant_with_warmup", "linear", "cosine"),
     "mix_strategy": ("concat", "interleave_under", "interleave_over"),
@@ -396,11 +404,32 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
             f"model_name_or_path: folder {path} does not exist (megatune loads local Hugging Face "
             "checkpoints only; download the model first)"
         )
+    if config.training.stage == "dpo":
+        problems += _preference_problems(config)
     if hf_config is not None:
         problems += _model_problems(config, hf_config)
     if problems:
         raise ConfigError(problems)
     return layout
+
+
+def _preference_problems(config: Config) -> list[str]:
+    """stage: dpo keys (stages/preference_loss.py checks their values), no packing, a reference
+    folder that exists."""
+    from megatune.stages.dpo import preference_config
+    from megatune.stages.preference_loss import validate_preference_config
+
+    problems = []
+    try:
+        validate_preference_config(preference_config(config))
+    except ValueError as err:
+        problems += str(err).splitlines()
+    if config.data.packing:
+        problems.append("packing: true is not supported with stage: dpo (each pair is its own sample); set packing: false")
+    ref = config.training.ref_model
+    if ref is not None and not Path(ref).is_dir():
+        problems.append(f"ref_model: folder {ref} does not exist (a local Hugging Face checkpoint of the same architecture)")
+    return problems
 
 
 def _model_problems(config: Config, hf: dict) -> list[str]:

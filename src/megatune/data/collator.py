@@ -7,7 +7,7 @@ form Megatron's PackedSeqParams takes; padding there is a document of its own, f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,6 +21,9 @@ class Batch:
     position_ids: torch.Tensor  # [b, s]
     cu_seqlens: torch.Tensor | None = None  # [docs + 1] int32, packed ("thd") batches only
     lengths: torch.Tensor | None = None  # [b] real tokens per row; right padding follows
+    # what a stage or model family adds for its own forward (e.g. a DPO step's reference
+    # log-probabilities); kept through padding
+    extras: dict = field(default_factory=dict)
 
     @property
     def padding_mask(self) -> torch.Tensor | None:
@@ -113,10 +116,10 @@ def pad_to_length(batch: Batch, length: int, pad_id: int) -> Batch:
     labels = torch.cat([batch.labels, torch.full((rows, extra), IGNORE, dtype=batch.labels.dtype)], dim=1)
     if batch.cu_seqlens is None:
         positions = torch.arange(length).unsqueeze(0).expand(rows, -1).contiguous()
-        return Batch(tokens, labels, positions, lengths=batch.lengths)
+        return Batch(tokens, labels, positions, lengths=batch.lengths, extras=batch.extras)
     positions = torch.cat([batch.position_ids, torch.arange(extra).unsqueeze(0)], dim=1)
     bounds = torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + extra])
-    return Batch(tokens, labels, positions, bounds, batch.lengths)
+    return Batch(tokens, labels, positions, bounds, batch.lengths, batch.extras)
 
 
 def mask_out(batch: Batch) -> Batch:

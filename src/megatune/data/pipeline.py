@@ -25,7 +25,7 @@ def encode_dataset(spec, rows, template, tokenizer, config: Config):
     """A datasets.Dataset of raw rows -> the stage's encoded columns + `error`."""
     workers = config.data.preprocessing_num_workers
     return rows.map(
-        RowEncoder(get_stage(config.training.stage), spec, template, tokenizer, config.data),
+        RowEncoder(get_stage(config), spec, template, tokenizer, config.data),
         with_indices=True,
         num_proc=workers if workers and workers > 1 else None,
         remove_columns=rows.column_names,
@@ -119,7 +119,7 @@ def to_samples(encoded, config: Config, tokenizer, dropped: int = 0) -> tuple[li
     """Good encoded rows (a datasets.Dataset or any iterable of row dicts) -> samples + stats."""
     d = config.data
     stats = DataStats(dropped=dropped)
-    samples = list(samples_from_rows(encoded, get_stage(config.training.stage), d.cutoff_len, tokenizer.eos_token_id, stats))
+    samples = list(samples_from_rows(encoded, get_stage(config), d.cutoff_len, tokenizer.eos_token_id, stats))
     if d.packing and samples:
         samples = pack_samples(samples, d.cutoff_len)
     for sample in samples:

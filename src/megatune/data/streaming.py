@@ -37,6 +37,7 @@ from megatune.data.pipeline import load_encoded, to_samples
 from megatune.data.processors import Sample, pack_samples
 from megatune.data.registry import DataError
 from megatune.stages import get_stage
+from megatune.stages.supervised import SupervisedStage
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class StreamSource:
         name: str = "the training data",
         explain: Callable[[], str | None] | None = None,
     ):
-        stage = stage or get_stage("sft")
+        stage = stage or SupervisedStage()
         stage.assemble([], cutoff_len, eos_id)  # a stage that cannot assemble fails now, not mid-epoch
         self.rows, self.global_batch_size, self.seed = rows, global_batch_size, seed
         self.cutoff_len, self.stage, self.eos_id, self.packing = cutoff_len, stage, eos_id, packing
@@ -276,7 +277,7 @@ def encoded_stream(config: Config, tokenizer, dataset_names: str):
     from megatune.data.templates import get_template
 
     d = config.data
-    stage = get_stage(config.training.stage)
+    stage = get_stage(config)
     template = get_template(d.template or "auto")
     parts = []
     specs = resolve_datasets(dataset_names, d.dataset_dir)
@@ -336,7 +337,7 @@ def build_stream_source(
         global_batch_size,
         config.training.seed,
         cutoff_len=d.cutoff_len,
-        stage=get_stage(config.training.stage),
+        stage=get_stage(config),
         eos_id=tokenizer.eos_token_id,
         packing=bool(d.packing),
         skip_invalid=d.skip_invalid,

@@ -66,6 +66,7 @@ def uniform_length(stage, global_batch: list, micro_batch_size: int, pad_multipl
 def run_schedule(stage, provider, model: list, batches: list[Batch], forward_only: bool) -> dict[str, float]:
     """Forward (and backward) over the micro-batches; returns the stage's `sum_names` totals over
     this step's micro-batches and all data-parallel ranks, known on every rank."""
+    stage.prepare(provider, batches)
     seq_len = max(b.tokens.shape[1] for b in batches)
     out = get_forward_backward_func()(
         forward_step_func=stage.forward_step(provider),

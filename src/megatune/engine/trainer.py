@@ -156,7 +156,7 @@ def train(config: Config, layout: Layout) -> int:
     from megatune.models.weights import export_hf, load_hf_weights
 
     t, model_dir = config.training, config.model.model_name_or_path
-    stage = get_stage(t.stage)
+    stage = get_stage(config)
     _check_run_keys(config)
     _prepare_output_dir(config)
     resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
@@ -174,6 +174,7 @@ def train(config: Config, layout: Layout) -> int:
     bundle = build_model(config, model_dir)
     if resume is None:
         load_hf_weights(bundle, model_dir)
+    stage.attach(config, bundle)
     model = wrap_ddp(bundle.chunks, bundle.config, config)
     optimizer = build_optimizer(model, bundle.config, config)
     scheduler = build_scheduler(optimizer, config, steps)

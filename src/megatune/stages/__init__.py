@@ -8,12 +8,14 @@ data pipeline, the trainer and `megatune data` then run it with no other change.
 from __future__ import annotations
 
 from megatune.stages.base import Stage
+from megatune.stages.dpo import DPOStage
 from megatune.stages.pretrain import PretrainStage
 from megatune.stages.supervised import SupervisedStage
 
-STAGES: dict[str, type[Stage]] = {"pt": PretrainStage, "sft": SupervisedStage}
+STAGES: dict[str, type[Stage]] = {"pt": PretrainStage, "sft": SupervisedStage, "dpo": DPOStage}
 
 
-def get_stage(name: str) -> Stage:
-    """The stage object for `stage: name` (config validation has already checked the name)."""
-    return STAGES[name]()
+def get_stage(config) -> Stage:
+    """The stage object for the run's `stage` key, built from the run config (validation has
+    already checked the name and the stage's keys)."""
+    return STAGES[config.training.stage].from_config(config)

@@ -29,6 +29,10 @@ class Stage(ABC):
     sum_names: tuple[str, ...]  # the per-micro-batch sums; [0] is the loss sum, [1] its unit count
     packable: bool = True  # samples may be packed several to a sequence (`packing: true`)
 
+    @classmethod
+    def from_config(cls, config) -> "Stage":
+        return cls()
+
     # -- data -------------------------------------------------------------------------------
 
     def prepare_tokenizer(self, config, tokenizer) -> str | None:
@@ -59,6 +63,12 @@ class Stage(ABC):
         if packed:
             return sum(len(s.input_ids) for s in samples)
         return max(len(s.input_ids) for s in samples)
+
+    def attach(self, config, bundle) -> None:
+        """Called once the policy model is built (e.g. to build a reference model beside it)."""
+
+    def prepare(self, provider, batches: list[Batch]) -> None:
+        """Called before each schedule run over `batches` (e.g. reference log-probabilities)."""
 
     @abstractmethod
     def loss_units(self, batch: Batch) -> int:
