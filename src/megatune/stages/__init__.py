@@ -1,0 +1,1 @@
+"""Training stages (pt, sft, dpo): what each computes from a micro-batch."""
