@@ -16,7 +16,6 @@ from megatune.data.pairwise import (
     encode_pair_row,
     infer_seqlen,
     pair_samples,
-    to_preference_pair,
     truncate_pair,
 )
 from megatune.data.registry import DataError, load_rows, resolve_datasets
