@@ -35,8 +35,8 @@ def to_conversation(row: dict, spec: DatasetSpec, source: str, stage: str = "sft
         return _pretrain(row, spec, source)
     if spec.ranking:
         raise DataError(
-            f"{source}: dataset '{spec.name}' is a ranking (preference) dataset, which needs stage dpo; "
-            f"megatune does not train dpo yet: pick a dataset without `ranking: true`"
+            f"{source}: dataset '{spec.name}' is a ranking (preference) dataset, which needs `stage: dpo` "
+            f"(see megatune.data.pairwise); for stage {stage} pick a dataset without `ranking: true`"
         )
     for media in UNSUPPORTED_MEDIA:
         if spec.columns.get(media) and row.get(spec.columns[media]):

@@ -32,6 +32,9 @@ DEFAULT_COLUMNS = {
     "sharegpt": {"messages": "conversations"},
     "openai": {"messages": "messages"},
 }
+# Preference (`ranking: true`) datasets of any formatting: the chosen and rejected answers.
+# LLaMA-Factory has no default and requires `columns.chosen/rejected`; we default to these names.
+RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
 DEFAULT_TAGS = {
     "sharegpt": {
         "role_tag": "from",
@@ -76,7 +79,10 @@ class DatasetSpec:
     dataset_dir: str = ""
 
     def column(self, key: str) -> str | None:
-        return self.columns.get(key) or DEFAULT_COLUMNS.get(self.formatting, {}).get(key)
+        default = DEFAULT_COLUMNS.get(self.formatting, {}).get(key)
+        if default is None and self.ranking:
+            default = RANKING_COLUMNS.get(key)
+        return self.columns.get(key) or default
 
     def tag(self, key: str) -> str | None:
         return self.tags.get(key) or DEFAULT_TAGS.get(self.formatting, {}).get(key)
