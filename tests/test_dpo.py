@@ -1,0 +1,157 @@
+"""`stage: dpo` end to end on CPU against the preference formula on transformers' log-probs.
+
+The formulas themselves are checked against the papers in tests/test_preference_loss.py; here
+the question is whether megatune feeds them the right numbers: the policy's and the reference
+model's summed response log-probabilities of the same global batch, under each parallel layout
+(the reference pass runs through Megatron's schedule too), and whether training on pairs learns.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatune.tiny import make_tiny_model
+from tests.conftest import REPO, SHARED
+from tests.test_train import log_rows, train, write_config
+
+DPO = dict(
+    stage="dpo",
+    dataset="megatune_pairs",
+    dataset_dir=str(REPO / "data"),
+    template="qwen3_nothink",
+    cutoff_len=64,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    learning_rate=0.0,
+    max_steps=1,
+    logging_steps=1,
+    save_steps=1000,
+    seed=7,
+)
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    policy = make_tiny_model("qwen3", str(root / "policy"), seed=3, with_tokenizer=True)
+    reference = make_tiny_model("qwen3", str(root / "reference"), seed=4, with_tokenizer=True)
+    return policy, reference
+
+
+def hf_pair_logps(model_dir: str, pairs) -> tuple[torch.Tensor, ...]:
+    """(chosen sums, rejected sums, chosen counts, rejected counts) [P] from transformers' model,
+    with autograd (for the gradient norm)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatune.stages.preference_loss import sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = []
+    for side in ("chosen", "rejected"):
+        sums, counts = [], []
+        for pair in pairs:
+            sample = getattr(pair, side)
+            logits = model(input_ids=torch.tensor([sample.input_ids])).logits
+            s, c = sequence_logps(logits, torch.tensor([sample.labels]))
+            sums.append(s[0])
+            counts.append(c[0])
+        out += [torch.stack(sums), torch.stack(counts)]
+    return out[0], out[2], out[1], out[3], model
+
+
+def first_global_batch(values: dict, world: int):
+    from transformers import AutoTokenizer
+
+    from megatune.config import derive_layout, load_config
+    from megatune.data.source import build_train_source
+
+    config = load_config(None, {k: v for k, v in values.items() if k != "nproc_per_node"})
+    tokenizer = AutoTokenizer.from_pretrained(values["model_name_or_path"])
+    source, _, _ = build_train_source(config, tokenizer, derive_layout(config, world).global_batch_size)
+    return source.next_global_batch(), config
+
+
+def expected_step(values: dict, world: int, reference_dir: str | None):
+    """The step-1 metrics the formula gives on transformers' log-probs, and the gradient norm of
+    its loss (mean over the global batch's pairs)."""
+    from megatune.stages.dpo import preference_config
+    from megatune.stages.preference_loss import metric_means, preference_loss
+
+    pairs, config = first_global_batch(values, world)
+    pref = preference_config(config)
+    pc, pr, nc, nr, policy = hf_pair_logps(values["model_name_or_path"], pairs)
+    rc = rr = None
+    if pref.uses_reference:
+        with torch.no_grad():
+            rc, rr, _, _, _ = hf_pair_logps(reference_dir or values["model_name_or_path"], pairs)
+    out = preference_loss(pc, pr, nc, nr, rc, rr, config=pref)
+    out.losses.mean().backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in policy.parameters() if p.grad is not None]))
+    return metric_means(out.metric_sums, out.num_pairs), norm.item(), len(pairs)
+
+
+def check_step(tmp_path, models, layout: dict, with_reference: bool = True, **keys):
+    policy, reference = models
+    extra = {"ref_model": reference} if with_reference else {}
+    config, values = write_config(tmp_path, policy, **{**DPO, **layout, **extra, **keys})
+    train(config)
+    row = log_rows(tmp_path / "out")[0]
+    want, norm, pairs = expected_step(values, layout.get("nproc_per_node", 1), reference if with_reference else None)
+    assert row["pairs"] == pairs
+    assert row["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    for key in METRICS + (("sft_loss",) if "sft_loss" in want else ()):
+        assert row[key] == pytest.approx(want[key], abs=1e-5, rel=1e-5), key
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    return row
+
+
+@pytest.mark.parametrize("pref_loss", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
+def test_step_one_matches_the_formula_on_transformers_log_probs(tmp_path, models, pref_loss):
+    keys = {"pref_ftx": 0.5} if pref_loss == "sigmoid" else {}
+    row = check_step(tmp_path, models, {"nproc_per_node": 1}, pref_loss=pref_loss, **keys)
+    assert ("sft_loss" in row) == (pref_loss in ("sigmoid", "orpo"))
+
+
+LAYOUTS = {
+    "dp2": dict(nproc_per_node=2, pref_loss="sigmoid"),
+    "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True, pref_loss="ipo"),
+    "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2, pref_loss="sigmoid"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parallel_layouts_match_the_formula(tmp_path, models, layout):
+    check_step(tmp_path, models, LAYOUTS[layout])
+
+
+def test_initial_policy_as_reference_gives_log_2(tmp_path, models):
+    row = check_step(tmp_path, models, {"nproc_per_node": 1}, with_reference=False)
+    assert row["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert row["rewards/margins"] == 0 and row["rewards/accuracies"] == 0
+
+
+def learn(tmp_path, models, **keys):
+    policy, _ = models
+    config, _ = write_config(tmp_path, policy, **{**DPO, "learning_rate": 1e-3, "max_steps": 20,
+                                                  "lr_scheduler_type": "constant", **keys})
+    train(config)
+    return log_rows(tmp_path / "out")
+
+
+def test_bundled_pairs_raise_reward_accuracy(tmp_path, models):
+    rows = learn(tmp_path, models)
+    late = [r["rewards/accuracies"] for r in rows[-5:]]
+    assert rows[0]["rewards/accuracies"] == 0  # reference == policy at step 1
+    assert sum(late) / len(late) >= 0.75, [r["rewards/accuracies"] for r in rows]
+    assert rows[-1]["rewards/margins"] > 0
+
+
+@pytest.mark.skipif(not (SHARED / "fixtures" / "lf_data" / "dpo_en_demo.json").is_file(), reason="needs ../shared fixtures")
+def test_llama_factory_dpo_demo_raises_reward_accuracy(tmp_path, models):
+    rows = learn(tmp_path, models, dataset="dpo_en_demo", dataset_dir=str(SHARED / "fixtures" / "lf_data"),
+                 template="qwen", cutoff_len=256)
+    early = sum(r["rewards/accuracies"] for r in rows[:5]) / 5
+    late = sum(r["rewards/accuracies"] for r in rows[-5:]) / 5
+    assert late > early and rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
