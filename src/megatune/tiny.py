@@ -156,6 +156,9 @@ def make_tiny_vl_model(model_type: str, out_dir: str, seed: int = 0, with_tokeni
         **({"vocab_size": VOCAB_SIZE} if with_tokenizer else {}),
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(TINY_MROPE_SECTION)},
         **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        # Wider than the default 0.02 so attention is far from uniform: then a position error
+        # (e.g. a wrong M-RoPE section) moves the logits by ~0.1, not ~1e-4.
+        "initializer_range": 0.1,
         **overrides,
     }
     vision = {**TINY_VISION[model_type]}
