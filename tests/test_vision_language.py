@@ -25,6 +25,7 @@ IMG, START, END = IDS["image_token_id"], IDS["vision_start_token_id"], IDS["visi
 # Qwen2.5-VL's 2x2-merged-token windows then include partial ones.
 IMAGE_SIZES = ((84, 140), (112, 56), (56, 56))
 TOLERANCE = 1e-4
+GRAD_TOLERANCE = 1e-5  # relative to the largest gradient entry
 LAYOUTS = {"tp1": (1, 1, False), "tp2_sp": (2, 1, True), "pp2": (1, 2, False)}
 
 
@@ -77,32 +78,45 @@ def make_batch(model_dir: str) -> dict:
     )
 
 
-def hf_logits(model_dir: str, batch: dict) -> torch.Tensor:
+def loss_weights(batch: dict, vocab: int) -> torch.Tensor:
+    """A fixed random projection [b, s, vocab] of the logits, zero at padding: the test's loss
+    is sum(logits * weights), so every real logit gets a distinct gradient."""
+    w = torch.randn(*batch["input_ids"].shape, vocab, generator=torch.Generator().manual_seed(7))
+    return w * batch["attention_mask"].unsqueeze(-1)
+
+
+def hf_logits_and_grads(model_dir: str, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """transformers' logits [b, s, v] and the vision tower's gradients of the test loss, by
+    parameter name relative to the tower."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=(batch["input_ids"] == IMG).int(),
-        )
-    return out.logits.float()
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=(batch["input_ids"] == IMG).int(),
+    )
+    (out.logits * loss_weights(batch, out.logits.shape[-1])).sum().backward()
+    grads = {name: p.grad for name, p in model.model.visual.named_parameters()}
+    return out.logits.detach().float(), grads
 
 
 def megatron_logits(bundle, batch: dict) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, v] on the last pipeline stage (None elsewhere), through
-    Megatron's schedule (so PP sends activations between stages)."""
+    Megatron's schedule with a backward pass of the test loss (so PP sends activations and
+    gradients between stages); parameter .grad fields hold the gradients afterwards."""
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     captured = []
 
     def loss_func(output):
-        captured.append(tensor_parallel.gather_from_tensor_model_parallel_region(output).float())
-        return output.sum() * 0.0, {}
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(output).float()
+        captured.append(logits.detach())
+        loss = (logits * loss_weights(batch, logits.shape[-1])).sum()
+        return loss, torch.tensor(1), {}  # per-token-loss mode: Megatron divides by nothing
 
     def forward_step(data_iterator, model):
         out = model(
@@ -116,23 +130,23 @@ def megatron_logits(bundle, batch: dict) -> torch.Tensor | None:
 
     for chunk in bundle.chunks:
         chunk.eval()
+        chunk.zero_grad()
     b, s = batch["input_ids"].shape
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter([None]),
-            model=bundle.chunks[0],
-            num_microbatches=1,
-            seq_length=s,
-            micro_batch_size=b,
-            forward_only=True,
-        )
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=bundle.chunks[0],
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=False,
+    )
     return captured[0] if captured else None
 
 
 def run_parity(model_dir: str, tp: int, pp: int, sp: bool) -> dict:
-    """Build + load the Megatron model under (tp, pp, sp) and compare logits with transformers
-    on the real (non-padding) tokens. Collective: every rank calls it."""
+    """Build + load the Megatron model under (tp, pp, sp); compare logits (real tokens only)
+    and the vision tower's gradients with transformers'. Collective: every rank calls it."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -153,12 +167,20 @@ def run_parity(model_dir: str, tp: int, pp: int, sp: bool) -> dict:
     loaded = load_hf_weights(bundle, model_dir)
     batch = make_batch(model_dir)
     mine = megatron_logits(bundle, batch)
-    result = {"rank": dist.get_rank(), "loaded": loaded, "has_vision": bundle.chunks[0].vision_model is not None}
+    vision = bundle.chunks[0].vision_model
+    result = {"rank": dist.get_rank(), "loaded": loaded, "has_vision": vision is not None}
+    if mine is None and vision is None:
+        return result
+    ref, ref_grads = hf_logits_and_grads(model_dir, batch)
     if mine is not None:
-        ref = hf_logits(model_dir, batch)
         real = batch["attention_mask"].bool()
         diff = (mine[real] - ref[real]).abs()
         result.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()), logit_scale=float(ref[real].abs().max()))
+    if vision is not None:
+        grads = dict(vision.named_parameters())
+        assert grads.keys() == ref_grads.keys()
+        result["grad_max_abs_diff"] = max(float((grads[n].grad - g).abs().max()) for n, g in ref_grads.items())
+        result["grad_scale"] = max(float(g.abs().max()) for g in ref_grads.values())
     return result
 
 
@@ -180,6 +202,8 @@ def test_logits_match_transformers_one_process(vl_models, family):
         shutdown()
     assert result["max_abs_diff"] < TOLERANCE, result
     assert result["logit_scale"] > 0.1  # the logits are not trivially small
+    # The vision tower's gradients (through the image-token scatter) equal transformers'.
+    assert result["grad_max_abs_diff"] < GRAD_TOLERANCE * result["grad_scale"], result
 
 
 def test_wrong_mrope_section_is_caught(vl_models, monkeypatch):
@@ -194,6 +218,99 @@ def test_wrong_mrope_section_is_caught(vl_models, monkeypatch):
     finally:
         shutdown()
     assert result["max_abs_diff"] > 1e-2, result
+
+
+def to_nested_layout(src: str, dst: str) -> str:
+    """A copy of a published-layout checkpoint re-keyed to the nested layout."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+
+    def nested(name):
+        if name.startswith("visual."):
+            return "model." + name
+        if name.startswith("model."):
+            return "model.language_model." + name[len("model."):]
+        return name
+
+    save_file({nested(k): v for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_detect_layout():
+    from megatune.models.vision_language import detect_layout
+
+    assert detect_layout(["visual.blocks.0.attn.qkv.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]) == "published"
+    assert detect_layout(["model.visual.merger.mlp.0.weight", "model.language_model.norm.weight", "lm_head.weight"]) == "nested"
+    with pytest.raises(ValueError, match="ckpt: tensor names mix"):
+        detect_layout(["visual.patch_embed.proj.weight", "model.language_model.norm.weight"], where="ckpt")
+    with pytest.raises(ValueError, match="no Qwen2-VL tensors"):
+        detect_layout(["transformer.h.0.attn.weight"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["published", "nested"])
+def test_both_layouts_load_and_export_bit_exact(vl_models, family, layout, tmp_path):
+    """Every checkpoint tensor is read (a missing mapping would raise) and an export writes the
+    same keys, in the layout read, bit-identical; the nested copy gives the same model."""
+    from safetensors.torch import load_file
+
+    from megatune.config import load_config, validate
+    from megatune.distributed import init_distributed, shutdown
+    from megatune.models.vision_language import build_vl_bundle, param_group
+    from megatune.models.weights import export_hf, load_hf_weights
+
+    src = vl_models[family]
+    if layout == "nested":
+        src = to_nested_layout(src, str(tmp_path / "nested"))
+    config = load_config(None, {"model_name_or_path": src})
+    init_distributed(validate(config, 1), seed=0)
+    try:
+        bundle = build_vl_bundle(config, src)
+        load_hf_weights(bundle, src)
+        export_hf(bundle, src, str(tmp_path / "export"), torch.float32)
+        groups = {param_group(n) for n, _ in bundle.chunks[0].named_parameters()}
+    finally:
+        shutdown()
+    source = load_file(os.path.join(src, "model.safetensors"))
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert exported.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(tensor, exported[name]), name
+    assert groups == {"vision_tower", "multi_modal_projector", "language_model"}
+
+
+def test_vision_flops_formula(vl_models):
+    """FLOPs = 6 x matmul weights x tokens + 12 x width x sum of attention spans^2; the weights
+    are counted from transformers' module and the spans from its own window index."""
+    from transformers import AutoConfig
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
+    from megatune.models.vision_language import build_vision_tower, vision_flops
+
+    grids = torch.tensor([[1, 6, 10], [1, 8, 4], [2, 4, 4]])
+    for family in FAMILIES:
+        hf = AutoConfig.from_pretrained(vl_models[family])
+        c = hf.vision_config
+        tower = build_vision_tower(hf, torch.float32)
+        per_patch = sum(m.weight.numel() for name, m in tower.named_modules()
+                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and not name.startswith("merger"))
+        merger = sum(m.weight.numel() for m in tower.merger.modules() if isinstance(m, torch.nn.Linear))
+        patches = int(grids.prod(-1).sum())
+        full = get_vision_cu_seqlens(grids).diff().double().pow(2).sum().item()
+        if family == "qwen2_5_vl":
+            _, cu = get_vision_window_index(grids, c.spatial_merge_size, c.window_size, c.patch_size)
+            window = cu.diff().double().pow(2).sum().item()
+            assert window < full  # the windows really split the images
+            spans = [full if b in c.fullatt_block_indexes else window for b in range(c.depth)]
+            width = c.hidden_size
+        else:
+            spans, width = [full] * c.depth, c.embed_dim
+        expected = 6 * per_patch * patches + 6 * merger * patches / 4 + 12 * width * sum(spans)
+        assert vision_flops(c, grids.tolist(), family) == pytest.approx(expected, rel=1e-12)
 
 
 # ---- two gloo processes ---------------------------------------------------------------------------
@@ -247,6 +364,8 @@ def test_logits_match_transformers_tp2_sp_and_pp2(tmp_path):
             assert r["has_vision"] == (r["rank"] == 0), r
         else:
             assert r["has_vision"], r
+        if r["has_vision"]:  # gradients reach the replicated tower complete on every TP rank
+            assert r["grad_max_abs_diff"] < GRAD_TOLERANCE * r["grad_scale"], r
         if "max_abs_diff" in r:
             assert r["max_abs_diff"] < TOLERANCE and r["logit_scale"] > 0.1, r
             compared[key] = compared.get(key, 0) + 1
