@@ -220,6 +220,43 @@ def test_wrong_mrope_section_is_caught(vl_models, monkeypatch):
     assert result["max_abs_diff"] > 1e-2, result
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_match_transformers_rows(vl_models, family):
+    """The batch's two rows packed into one "thd" sequence (M-RoPE restarting per document,
+    Megatron's PackedSeqParams) give transformers' logits of each row alone."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatune.config import load_config, validate
+    from megatune.distributed import init_distributed, shutdown
+    from megatune.models.mrope import mrope_position_ids
+    from megatune.models.vision_language import build_vl_bundle
+    from megatune.models.weights import load_hf_weights
+
+    model_dir = vl_models[family]
+    batch = make_batch(model_dir)
+    lens = batch["attention_mask"].sum(1).tolist()
+    packed = torch.cat([batch["input_ids"][i, :n] for i, n in enumerate(lens)])
+    positions = mrope_position_ids(packed, batch["image_grid_thw"], spatial_merge_size=2, image_token_id=IMG,
+                                   document_lengths=lens)
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    config = load_config(None, {"model_name_or_path": model_dir})
+    init_distributed(validate(config, 1), seed=0)
+    try:
+        bundle = build_vl_bundle(config, model_dir)
+        load_hf_weights(bundle, model_dir)
+        model = bundle.chunks[0].eval()
+        with torch.no_grad():
+            mine = model(packed[None], positions[:, None], None, pixel_values=batch["pixel_values"],
+                         image_grid_thw=batch["image_grid_thw"], packed_seq_params=params)[0]
+    finally:
+        shutdown()
+    ref, _ = hf_logits_and_grads(model_dir, batch)
+    ref = torch.cat([ref[i, :n] for i, n in enumerate(lens)])
+    assert mine.shape == ref.shape
+    assert float((mine - ref).abs().max()) < TOLERANCE
+
+
 def to_nested_layout(src: str, dst: str) -> str:
     """A copy of a published-layout checkpoint re-keyed to the nested layout."""
     import shutil
