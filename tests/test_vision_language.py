@@ -257,6 +257,36 @@ def test_packed_documents_match_transformers_rows(vl_models, family):
     assert float((mine - ref).abs().max()) < TOLERANCE
 
 
+def test_text_only_training_batch_touches_the_vision_tower(vl_models):
+    """A text-only micro-batch in training mode gives every tower parameter a zero gradient
+    (Megatron DDP's overlapped reduction waits for all of a bucket's parameters) and leaves the
+    logits those of transformers' text-only forward."""
+    from megatune.config import load_config, validate
+    from megatune.distributed import init_distributed, shutdown
+    from megatune.models.vision_language import build_vl_bundle
+    from megatune.models.weights import load_hf_weights
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = vl_models["qwen2_5_vl"]
+    ids = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(12).expand(3, 2, 12)
+    config = load_config(None, {"model_name_or_path": model_dir})
+    init_distributed(validate(config, 1), seed=0)
+    try:
+        bundle = build_vl_bundle(config, model_dir)
+        load_hf_weights(bundle, model_dir)
+        model = bundle.chunks[0].train()
+        logits = model(ids, positions, None)
+        logits.sum().backward()
+        grads = [p.grad for p in model.vision_model.parameters()]
+    finally:
+        shutdown()
+    assert all(g is not None and not g.any() for g in grads)
+    with torch.no_grad():
+        ref = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert float((logits.detach() - ref).abs().max()) < TOLERANCE
+
+
 def to_nested_layout(src: str, dst: str) -> str:
     """A copy of a published-layout checkpoint re-keyed to the nested layout."""
     import shutil

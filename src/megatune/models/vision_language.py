@@ -287,6 +287,12 @@ class VisionLanguageModel(GPTModel):
             )
         elif bool(image_mask.any()):
             raise ValueError("the micro-batch has image tokens but no pixel_values")
+        elif self._needs_vision_grads():
+            # A text-only micro-batch while training the tower: run one blank image through it
+            # and add 0 x its features, so every tower parameter still gets a (zero) gradient.
+            # Megatron DDP with overlap_grad_reduce launches a bucket's reduction only when all
+            # its parameters have reported a gradient; an untouched tower would stall it.
+            embeddings = embeddings + 0.0 * self._blank_image_features(embeddings.device).sum()
         if bool((input_ids == self.video_token_id).any()):
             raise NotImplementedError("video inputs are not supported yet")
         if self.config.sequence_parallel:
@@ -295,6 +301,17 @@ class VisionLanguageModel(GPTModel):
                 # As Megatron's embedding does: the scatter returns a view of the full tensor.
                 embeddings = embeddings.clone()
         return embeddings
+
+    def _needs_vision_grads(self) -> bool:
+        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
+
+    def _blank_image_features(self, device: torch.device) -> torch.Tensor:
+        c = self.vision_model.config
+        merge = c.spatial_merge_size
+        patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
+        pixels = torch.zeros(merge * merge, patch_dim, device=device)
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        return self.image_features(pixels, grid)
 
     def forward(
         self,
