@@ -10,10 +10,11 @@ on: `decoder.layers.<i>` for the layer-index rewrite in `models/weights.py`, and
 `set_input_tensor`, `decoder`, `sharded_state_dict` for the schedules, DDP's gradient
 finalisation and dist-checkpointing (which saves the vision tower as replicated tensors).
 
-Why the tower is replicated on every tensor-parallel rank instead of split: it is small (~0.6B
-of Qwen2-VL-7B's 8.3B parameters, and it sees one token per 14x14 patch, not per merged token),
-its windowed/variable-length attention has no Megatron counterpart, and running transformers'
-module unchanged makes its numerics equal to transformers' by construction. Every TP rank
+Why the tower is replicated on every tensor-parallel rank instead of split: it is small (~0.67B
+of Qwen2-VL-7B's 8.3B parameters; its width 1280 would give thin per-rank matmuls), its
+per-image / windowed attention has no Megatron counterpart, and running transformers' module
+unchanged makes its numerics equal to transformers' by construction. The cost: every TP rank
+computes the whole tower (its FLOPs are not divided by tp). Every TP rank
 computes the same features from the same pixels; the gradients reaching them are identical too
 (the decoder's first column-parallel linear all-reduces its input gradient, and with sequence
 parallelism the scatter's backward all-gathers), so no extra reduction is needed. The tower's
