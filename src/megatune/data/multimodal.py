@@ -13,7 +13,10 @@ Rules (LLaMA-Factory's, except where noted):
   order. Each becomes `<|vision_start|>` + `<|image_pad|>` x N + `<|vision_end|>` with
   N = t*h*w / merge_size**2 of the processed image.
 - A row whose image tokens do not fit `cutoff_len` is left out (`RowDropped`, warned and
-  counted by the caller); truncation never cuts into an image's tokens.
+  counted by the caller); truncation never cuts into an image's tokens: where the text budget
+  split would, the answer gives way. (LLaMA-Factory's supervised processor truncates through
+  image tokens, which transformers' Qwen2-VL then rejects at forward time, "Image features and
+  image tokens do not match"; its packing path drops rows longer than cutoff_len with a warning.)
 - Labels at image tokens are always -100, also with train_on_prompt (they carry vision
   features, not text to predict); LLaMA-Factory would label them with train_on_prompt.
 - Videos are refused.
@@ -33,7 +36,7 @@ from megatune.data.images import (
     ImageRef,
     to_image_ref,
 )
-from megatune.data.processors import IGNORE, supervised_sample
+from megatune.data.processors import IGNORE, Sample, split_budget
 from megatune.data.registry import DataError
 
 TokenTurns = list[tuple[list[int], list[int]]]
@@ -77,7 +80,8 @@ def encoded_image_features():
     import datasets
 
     return {
-        "images": datasets.Sequence({"path": datasets.Value("string"), "bytes": datasets.Value("binary")}),
+        # a list of structs (datasets.Sequence of a dict would store a struct of lists instead)
+        "images": [{"path": datasets.Value("string"), "bytes": datasets.Value("binary")}],
         "image_grid_thw": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
     }
 
@@ -174,15 +178,47 @@ def expand_image_tokens(turns: TokenTurns, pad_id: int, counts: list[int], where
     return out
 
 
-def _images_complete(ids: list[int], pad_id: int, end_ids: list[int], total: int) -> bool:
-    """Every image token kept, and each image's run of tokens followed by its closing ids."""
-    if sum(1 for t in ids if t == pad_id) != total:
-        return False
-    n = len(end_ids)
-    for i, tid in enumerate(ids):
-        if tid == pad_id and (i + 1 == len(ids) or ids[i + 1] != pad_id) and ids[i + 1:i + 1 + n] != end_ids:
-            return False
-    return True
+def _image_blocks_end(turns: TokenTurns, pad_id: int, end_ids: list[int]) -> list[int]:
+    """Per turn, the prompt length that keeps its images whole: the index after the last image
+    token's closing ids (Qwen2-VL: <|vision_end|>); 0 for a prompt without images."""
+    out = []
+    for prompt, _ in turns:
+        last = max((i for i, t in enumerate(prompt) if t == pad_id), default=-1)
+        if last < 0:
+            out.append(0)
+            continue
+        n = len(end_ids) if prompt[last + 1:last + 1 + len(end_ids)] == end_ids else 0
+        out.append(last + 1 + n)
+    return out
+
+
+def truncate_image_turns(turns: TokenTurns, protect: list[int], cutoff_len: int, train_on_prompt: bool = False,
+                         mask_history: bool = False):
+    """`processors.supervised_sample` with a floor on each prompt's kept length (`protect`, from
+    `_image_blocks_end`): where the budget split would cut a prompt inside its images, the answer
+    gives way instead. The caller has checked that every protected length fits. Without images
+    (all floors 0) the result is exactly `supervised_sample`'s. Returns a `Sample` or None when
+    nothing is left to learn."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    truncated = False
+    for i, ((prompt, response), floor) in enumerate(zip(turns, protect)):
+        budget = cutoff_len - len(input_ids)
+        if budget <= 0:
+            truncated = True
+            break
+        keep_p, keep_r = split_budget(len(prompt), len(response), budget)
+        if keep_p < floor:  # never cut into an image's tokens
+            keep_p, keep_r = floor, min(len(response), budget - floor)
+        truncated |= (keep_p, keep_r) != (len(prompt), len(response))
+        prompt, response = prompt[:keep_p], response[:keep_r]
+        learn = not mask_history or i == len(turns) - 1
+        input_ids += prompt + response
+        labels += prompt if train_on_prompt else [IGNORE] * len(prompt)
+        labels += response if learn else [IGNORE] * len(response)
+    if all(label == IGNORE for label in labels):
+        return None
+    return Sample(input_ids, labels, truncated=truncated)
 
 
 def encode_image_conversation(
@@ -202,8 +238,10 @@ def encode_image_conversation(
     Steps: check placeholders; resolve the images (`to_image_ref`) and plan their grids from
     the file headers; render and tokenize with one image token per image (the template's
     `image_text`, as the model's chat template renders it); repeat each image token
-    t*h*w / merge_size**2 times; mask and truncate exactly as text rows (`supervised_sample`),
-    then mask the image tokens in labels.
+    t*h*w / merge_size**2 times; mask and truncate as text rows (`supervised_sample`) except
+    that a prompt is never cut inside its images (`truncate_image_turns`); mask the image tokens
+    in labels. The row is kept iff its last image block (up to <|vision_end|>) ends within
+    cutoff_len.
 
     Raises DataError (bad placeholders, missing/unreadable image, nothing to learn) and
     RowDropped (the images' tokens would be cut by cutoff_len).
@@ -216,15 +254,20 @@ def encode_image_conversation(
     counts = [images.tokens(g) for g in grids]
     turns = template.encode(tokenizer, conversation, enable_thinking=enable_thinking)
     turns = expand_image_tokens(turns, pad_id, counts, where)
-    total = sum(len(p) + len(r) for p, r in turns)
-    sample = supervised_sample(turns, cutoff_len, train_on_prompt, mask_history)
-    kept = sample.input_ids if sample is not None else []
-    if counts and not _images_complete(kept, pad_id, _block_end_ids(tokenizer, template), sum(counts)):
+    protect = _image_blocks_end(turns, pad_id, _block_end_ids(tokenizer, template))
+    # The row fits iff every image block ends within cutoff_len (earlier turns are kept whole
+    # up to there, so a prompt's image end lies at the sum of the earlier turns' lengths + floor).
+    offset, needed = 0, 0
+    for (prompt, response), floor in zip(turns, protect):
+        needed = max(needed, offset + floor) if floor else needed
+        offset += len(prompt) + len(response)
+    if needed > cutoff_len:
         raise RowDropped(
-            f"{where}: its {len(counts)} image(s) take {sum(counts)} tokens and the row {total}, which does not fit "
-            f"cutoff_len={cutoff_len} without cutting an image; the row is left out: raise cutoff_len or lower "
-            f"image_max_pixels to keep it"
+            f"{where}: its {len(counts)} image(s) take {sum(counts)} tokens and its last image ends at token "
+            f"{needed}, beyond cutoff_len={cutoff_len}; the row is left out (an image is never cut): raise "
+            f"cutoff_len or lower image_max_pixels to keep it"
         )
+    sample = truncate_image_turns(turns, protect, cutoff_len, train_on_prompt, mask_history)
     if sample is None:
         raise DataError(f"{where}: nothing left to learn after truncation to cutoff_len={cutoff_len}")
     labels = [IGNORE if tid == pad_id else label for tid, label in zip(sample.input_ids, sample.labels)]
