@@ -225,6 +225,15 @@ def test_limits_are_checked_and_missing_processor_is_explained(tmp_path, model_d
         ImageProcessing.from_model_dir(model_dir, max_pixels=50, min_pixels=100)
     with pytest.raises(DataError, match=r"no preprocessor_config\.json.*copy preprocessor_config\.json"):
         load_image_processor(tmp_path)
+    # the cache fingerprint follows the limits and the processor's settings
+    base = ImageProcessing.from_model_dir(model_dir)
+    assert base.fingerprint() == ImageProcessing.from_model_dir(model_dir).fingerprint()
+    assert base.fingerprint() != ImageProcessing.from_model_dir(model_dir, max_pixels=262144).fingerprint()
+    shutil.copytree(model_dir, tmp_path / "m2")
+    cfg = json.loads((tmp_path / "m2" / "preprocessor_config.json").read_text())
+    cfg["size"]["longest_edge"] = 12845056
+    (tmp_path / "m2" / "preprocessor_config.json").write_text(json.dumps(cfg))
+    assert base.fingerprint() != ImageProcessing.from_model_dir(tmp_path / "m2").fingerprint()
 
 
 # ---------------------------------------------------------------------------------------------

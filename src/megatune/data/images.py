@@ -287,12 +287,20 @@ class ImageProcessing:
         """
         grids = []
         for k, ref in enumerate(refs):
-            image = open_image(ref, f"{where}, image {k}" if where else f"image {k}")
-            grid = self.grid_for_size(*image.size)
+            with open_image(ref, f"{where}, image {k}" if where else f"image {k}") as image:
+                size = image.size  # the header only: no pixels decoded, the file closed at once
+            grid = self.grid_for_size(*size)
             if grid is None:  # unknown processor: run it
                 grid = [int(x) for x in self.process([ref], where).image_grid_thw[0]]
             grids.append(list(grid))
         return grids
+
+    def fingerprint(self) -> dict:
+        """What encoded image samples depend on, for the tokenized cache's fingerprint: the resize
+        limits and the image processor's settings (a change alters token counts)."""
+        settings = {k: v for k, v in self.processor.to_dict().items() if not k.startswith("_")}
+        return {"image_max_pixels": self.max_pixels, "image_min_pixels": self.min_pixels,
+                "image_processor": settings}
 
     # -- pixels ----------------------------------------------------------------------------------
 
