@@ -28,5 +28,6 @@ class Conversation:
     messages: list[Message]
     system: str | None = None
     tools: str | None = None  # JSON string with a list of tool schemas, as in LLaMA-Factory
-    images: list[str] = field(default_factory=list)  # paths; used by VLM templates later
+    # images in placeholder order: paths, or {"path", "bytes"} dicts / bytes / PIL images (data/images.py)
+    images: list = field(default_factory=list)
     source: str = ""  # "dataset 'x', file f.json, row 12" for error messages

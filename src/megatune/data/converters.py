@@ -41,7 +41,8 @@ def to_conversation(row: dict, spec: DatasetSpec, source: str, stage: str = "sft
     for media in UNSUPPORTED_MEDIA:
         if spec.columns.get(media) and row.get(spec.columns[media]):
             raise DataError(
-                f"{source}: column '{spec.columns[media]}' holds {media}, which megatune does not support yet"
+                f"{source}: column '{spec.columns[media]}' holds {media}, which megatune does not support yet; "
+                f"remove `columns.{media}` of '{spec.name}' from dataset_info.json or drop those rows"
             )
     if spec.formatting == "alpaca":
         conv = _alpaca(row, spec, source)
@@ -267,15 +268,23 @@ def _tools(value: Any, source: str) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _images(value: Any, spec: DatasetSpec, source: str) -> list[str]:
-    """Image paths; a relative path is taken from dataset_dir when the file is there."""
+def _images(value: Any, spec: DatasetSpec, source: str) -> list:
+    """A row's images, in order: paths (a relative path is taken from dataset_dir when the file is
+    there) or what the `datasets` Image feature yields ({"path", "bytes"} dicts, bytes, PIL
+    images), kept as given. `megatune.data.images.to_image_ref` checks the files when encoding."""
     if value is None:
         return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
-        raise DataError(f"{source}: images must be a list of file paths")
+    items = value if isinstance(value, list) else [value]
     out = []
-    for p in items:
-        joined = os.path.join(spec.dataset_dir, p)
-        out.append(joined if spec.dataset_dir and not os.path.isabs(p) and os.path.exists(joined) else p)
+    for k, p in enumerate(items):
+        if isinstance(p, str):
+            joined = os.path.join(spec.dataset_dir, p)
+            out.append(joined if spec.dataset_dir and not os.path.isabs(p) and os.path.exists(joined) else p)
+        elif isinstance(p, (bytes, dict)) or type(p).__module__.startswith("PIL."):
+            out.append(p)
+        else:
+            raise DataError(
+                f"{source}: image {k} of column '{spec.column('images')}' is a {type(p).__name__}; images must be "
+                f"file paths (relative to dataset_dir or absolute), image bytes or {{'path', 'bytes'}} dicts"
+            )
     return out

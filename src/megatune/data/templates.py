@@ -159,6 +159,9 @@ class Template:
     replace_eos: bool = False  # LLaMA-Factory: the tokenizer's eos becomes stop_words[0]
     system_in_user: bool = False  # Llama-2/Mistral: the system text opens the first user turn
     image_text: str | None = None  # what an "<image>" placeholder in a user turn becomes
+    # The token inside `image_text` that stands for the image's features; multimodal encoding
+    # (data/multimodal.py) repeats it once per image token (Qwen2-VL: t*h*w / merge_size**2).
+    image_token: str | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -436,7 +439,7 @@ TEMPLATES: dict[str, Template] = {
                  stop_words=["<|im_end|>", "<|im_start|>"], replace_eos=True),
         _qwen("qwen", default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
         _qwen("qwen2_vl", default_system="You are a helpful assistant.",
-              image_text="<|vision_start|><|image_pad|><|vision_end|>"),
+              image_text="<|vision_start|><|image_pad|><|vision_end|>", image_token="<|image_pad|>"),
         _qwen("qwen3", cls=Qwen3Template),
         _qwen("qwen3_nothink"),
         Template(name="llama3", prefix="{bos}",
