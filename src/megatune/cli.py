@@ -27,7 +27,7 @@ commands:
   data         run the data pipeline with only the tokenizer and write the processed samples:
                megatune data CONFIG.yaml --output FILE.jsonl [--max_samples N]
   tiny-model   write a tiny random-weight HF model with an offline tokenizer:
-               --model_type llama|qwen2|qwen3|qwen3_moe|qwen2_moe|mixtral --output_dir DIR
+               --model_type llama|qwen2|qwen3|qwen3_moe|qwen2_moe|mixtral|qwen2_vl|qwen2_5_vl --output_dir DIR
 """
 
 # Options that belong to one command rather than to the run configuration.
@@ -169,7 +169,7 @@ def _data_samples(config, tokenizer):
 
 def _tiny_model(rest: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="megatune tiny-model")
-    parser.add_argument("--model_type", default="qwen3", choices=["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"])
+    parser.add_argument("--model_type", default="qwen3", choices=["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2_vl", "qwen2_5_vl"])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--tie_word_embeddings", default="false", choices=["true", "false"])
     parser.add_argument("--seed", type=int, default=0)

@@ -56,6 +56,8 @@ class DataSection:
     tokenized_path: Optional[str] = None
     enable_thinking: bool = True
     skip_invalid: bool = False
+    image_max_pixels: int = 768 * 768  # images are shrunk to at most this many pixels (LLaMA-Factory's rule)
+    image_min_pixels: int = 32 * 32  # and grown to at least this many
 
 
 @dataclass
@@ -100,6 +102,10 @@ class TrainingSection:
     dpo_label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     ref_model: Optional[str] = None  # reference checkpoint folder; None: the initial policy
+    # vision-language models (LLaMA-Factory's keys): frozen parts get no gradients or optimizer state
+    freeze_vision_tower: bool = False
+    freeze_multi_modal_projector: bool = False
+    freeze_language_model: bool = False
 
 
 @dataclass
@@ -406,6 +412,10 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
         )
     if config.training.stage == "dpo":
         problems += _preference_problems(config)
+    d = config.data
+    if not 0 < d.image_min_pixels <= d.image_max_pixels:
+        problems.append(f"image_min_pixels={d.image_min_pixels} and image_max_pixels={d.image_max_pixels} must "
+                        "satisfy 0 < image_min_pixels <= image_max_pixels")
     if hf_config is not None:
         problems += _model_problems(config, hf_config)
     if problems:
@@ -441,7 +451,12 @@ def _model_problems(config: Config, hf: dict) -> list[str]:
         provider = get_provider(hf, where)
     except UnsupportedModelError as err:
         return [str(err)]
-    return provider.layout_problems(hf, config.parallel)
+    problems = provider.layout_problems(hf, config.parallel)
+    if not provider.accepts_images:
+        frozen = [k for k in ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")
+                  if getattr(config.training, k)]
+        problems += [f"{k}: true needs a vision-language model; {hf.get('model_type')} has no vision tower" for k in frozen]
+    return problems
 
 
 def read_hf_config(model_dir: str) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -12,7 +11,6 @@ from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatune.data.collator import Batch
-from megatune.data.processors import IGNORE
 from megatune.distributed import device
 from megatune.models.build import ModelBundle
 from megatune.models.weights import export_hf, load_hf_weights
@@ -40,27 +38,17 @@ class VerifyResult:
         )
 
 
-def sample_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
-    """The same pseudo-random tokens on every rank."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
-
-
-def megatron_logits(bundle: ModelBundle, tokens: torch.Tensor) -> torch.Tensor | None:
+def megatron_logits(bundle: ModelBundle, batch_inputs: Batch) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, v] on the last pipeline stage, None elsewhere."""
-    tokens = tokens.to(device())
-    batch, seq_len = tokens.shape
-    positions = torch.arange(seq_len, device=tokens.device).unsqueeze(0).expand(batch, -1)
+    batch, seq_len = batch_inputs.tokens.shape
     captured: list[torch.Tensor] = []
 
     def loss_func(output: torch.Tensor):
         captured.append(tensor_parallel.gather_from_tensor_model_parallel_region(output).float())
         return output.sum() * 0.0, {}
 
-    batch_inputs = Batch(tokens, torch.full_like(tokens, IGNORE), positions)
-
     def forward_step(data_iterator, model):
-        return bundle.provider.forward(model, batch_inputs, tokens.device, labels=None), loss_func
+        return bundle.provider.forward(model, batch_inputs, device(), labels=None), loss_func
 
     for chunk in bundle.chunks:
         chunk.eval()
@@ -77,12 +65,13 @@ def megatron_logits(bundle: ModelBundle, tokens: torch.Tensor) -> torch.Tensor |
     return captured[0] if captured else None
 
 
-def hf_logits(model_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+def hf_logits(model_dir: str, inputs: dict, auto_class: str, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' logits [b, s, v] for the same inputs."""
+    import transformers
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device()).eval()
+    model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=dtype).to(device()).eval()
     with torch.no_grad():
-        out = model(input_ids=tokens.to(device())).logits.float()
+        out = model(**{k: v.to(device()) for k, v in inputs.items()}).logits.float()
     del model
     return out
 
@@ -101,12 +90,12 @@ def run_verify(
     load_hf_weights(bundle, model_dir)
     if export_path:
         export_hf(bundle, model_dir, export_path, dtype)
-    tokens = sample_tokens(bundle.provider.vocab_size(bundle.hf), batch, seq_len, seed)
-    ours = megatron_logits(bundle, tokens)
+    batch_inputs, hf_inputs, auto_class = bundle.provider.verify_inputs(model_dir, bundle.hf, batch, seq_len, seed)
+    ours = megatron_logits(bundle, batch_inputs)
     stats = torch.zeros(2, dtype=torch.float64)
     reporter = ours is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     if reporter:
-        ref = hf_logits(model_dir, tokens, dtype)
+        ref = hf_logits(model_dir, hf_inputs, auto_class, dtype)
         diff = (ours - ref).abs()
         stats = torch.tensor([diff.max().item(), diff.mean().item()], dtype=torch.float64)
     # The last stage's first rank measured; share it so every rank exits the same way.

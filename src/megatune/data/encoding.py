@@ -15,6 +15,9 @@ from megatune.data.processors import Sample
 from megatune.data.registry import DataError
 
 FIX_HINT = "fix the data or set skip_invalid: true to drop bad rows"
+# The `error` of a row left out on purpose (e.g. its images do not fit cutoff_len), which is
+# counted and warned about, never fatal.
+DROPPED = "[dropped] "
 
 
 @dataclass
@@ -59,8 +62,12 @@ class RowEncoder:
 
     def __call__(self, row: dict, idx: int) -> dict:
         source = f"dataset '{self.spec.name}', file {self.spec.file_name}, row {idx}"
+        from megatune.data.multimodal import RowDropped
+
         try:
             return {**self.stage.encode(row, self.spec, source, self.template, self.tokenizer, self.data), "error": ""}
+        except RowDropped as err:
+            return {**self.stage.empty_row, "error": DROPPED + str(err)}
         except DataError as err:
             return {**self.stage.empty_row, "error": str(err)}
 
@@ -79,6 +86,20 @@ def interleave_probs(data_config) -> list[float] | None:
         raise DataError(
             f"interleave_probs {data_config.interleave_probs!r} must be comma-separated numbers, one per dataset"
         ) from None
+
+
+def check_errors(errors: list[str], skip_invalid: bool) -> int:
+    """The encoded rows' non-empty `error`s: raise for bad rows unless skip_invalid; warn once
+    about rows dropped on purpose. Returns how many rows are left out."""
+    import logging
+
+    bad = [e for e in errors if not e.startswith(DROPPED)]
+    dropped = [e[len(DROPPED):] for e in errors if e.startswith(DROPPED)]
+    if bad and not skip_invalid:
+        raise bad_rows_error(bad)
+    if dropped:
+        logging.getLogger(__name__).warning("%d row(s) left out; first: %s", len(dropped), dropped[0])
+    return len(errors)
 
 
 def bad_rows_error(errors: list[str]) -> DataError:

@@ -294,8 +294,8 @@ def collate_images(samples: list[Any], images: ImageProcessing, pad_id: int | No
     """
     refs, grids = [], []
     for s in samples:
-        row_images = s.images if isinstance(s, ImageSample) else s["images"]
-        row_grids = s.image_grid_thw if isinstance(s, ImageSample) else s["image_grid_thw"]
+        row_images = s["images"] if isinstance(s, dict) else s.images
+        row_grids = s["image_grid_thw"] if isinstance(s, dict) else s.image_grid_thw
         refs += list(row_images or [])
         grids += [list(g) for g in (row_grids or [])]
     if pad_id is not None and input_ids is not None:

@@ -13,7 +13,7 @@ import json
 import os
 
 from megatune.config import Config
-from megatune.data.encoding import DataStats, RowEncoder, bad_rows_error, interleave_probs, samples_from_rows
+from megatune.data.encoding import DataStats, RowEncoder, check_errors, interleave_probs, samples_from_rows
 from megatune.data.processors import Sample, pack_samples
 from megatune.data.registry import DataError
 from megatune.stages import get_stage
@@ -23,10 +23,14 @@ FINGERPRINT = "megatune_encoding.json"  # beside the cached dataset in tokenized
 
 def encode_dataset(spec, rows, template, tokenizer, config: Config):
     """A datasets.Dataset of raw rows -> the stage's encoded columns + `error`."""
+    import datasets
+
     workers = config.data.preprocessing_num_workers
+    stage = get_stage(config)
     return rows.map(
-        RowEncoder(get_stage(config), spec, template, tokenizer, config.data),
+        RowEncoder(stage, spec, template, tokenizer, config.data),
         with_indices=True,
+        features=datasets.Features(stage.features) if stage.features else None,
         num_proc=workers if workers and workers > 1 else None,
         remove_columns=rows.column_names,
         desc=f"Encoding {spec.name}",
@@ -48,6 +52,7 @@ def encoding_fingerprint(config: Config, tokenizer) -> dict:
         "train_on_prompt": d.train_on_prompt,
         "mask_history": d.mask_history,
         "enable_thinking": d.enable_thinking,
+        **get_stage(config).fingerprint(),
         "mix_strategy": d.mix_strategy,
         "interleave_probs": d.interleave_probs,
         "seed": config.training.seed,
@@ -102,9 +107,7 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
             rows = rows.select(range(min(d.max_samples, len(rows))))
         parts.append(encode_dataset(spec, rows, template, tokenizer, config))
     encoded = mix_datasets(parts, d.mix_strategy, interleave_probs(d), config.training.seed)
-    errors = [e for e in encoded["error"] if e]
-    if errors and not d.skip_invalid:
-        raise bad_rows_error(errors)
+    left_out = check_errors([e for e in encoded["error"] if e], d.skip_invalid)
     encoded = encoded.filter(lambda e: not e, input_columns="error")
     if cache:
         if os.path.isfile(os.path.join(cache, FINGERPRINT)):
@@ -112,7 +115,7 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
         encoded.save_to_disk(cache)
         with open(os.path.join(cache, FINGERPRINT), "w") as f:  # last: marks the save complete
             json.dump(fingerprint, f, indent=1)
-    return encoded, len(errors)
+    return encoded, left_out
 
 
 def to_samples(encoded, config: Config, tokenizer, dropped: int = 0) -> tuple[list[Sample], DataStats]:

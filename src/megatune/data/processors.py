@@ -18,6 +18,10 @@ class Sample:
     labels: list[int]
     doc_lens: list[int] = field(default_factory=list)  # packed samples: lengths of each document
     truncated: bool = False
+    # vision-language samples: image references and (t, h, w) patch grids, in token order
+    # (data/multimodal.py); empty for text
+    images: list = field(default_factory=list)
+    image_grid_thw: list = field(default_factory=list)
 
     def __post_init__(self):
         if not self.doc_lens:
@@ -116,6 +120,8 @@ def pack_samples(samples: list[Sample], cutoff_len: int) -> list[Sample]:
                 labels=[t for s in group for t in s.labels],
                 doc_lens=[len(s.input_ids) for s in group],
                 truncated=any(s.truncated for s in group),
+                images=[i for s in group for i in s.images],
+                image_grid_thw=[g for s in group for g in s.image_grid_thw],
             )
         )
     return packed

@@ -26,9 +26,11 @@ from typing import Callable, Iterable, Iterator
 
 from megatune.config import Config
 from megatune.data.encoding import (
+    DROPPED,
     DataStats,
     RowEncoder,
     bad_rows_error,
+    check_errors,
     encoded_columns,
     interleave_probs,
     samples_from_rows,
@@ -205,7 +207,7 @@ class StreamSource:
                     raise DataError(where) from err
                 raise DataError(f"reading {self.name} failed after {read} rows of epoch {self.epoch}: {err}") from err
             if row["error"]:
-                if not self.skip_invalid:
+                if not self.skip_invalid and not row["error"].startswith(DROPPED):
                     raise bad_rows_error([row["error"]])
                 if not self._warned:
                     log.warning("skipping invalid rows (skip_invalid: true); first: %s", row["error"])
@@ -276,6 +278,8 @@ def encoded_stream(config: Config, tokenizer, dataset_names: str):
     from megatune.data.registry import data_files, load_rows, mix_datasets, resolve_datasets
     from megatune.data.templates import get_template
 
+    import datasets
+
     d = config.data
     stage = get_stage(config)
     template = get_template(d.template or "auto")
@@ -287,10 +291,11 @@ def encoded_stream(config: Config, tokenizer, dataset_names: str):
             raise DataError(f"dataset '{spec.name}': {', '.join(files)} holds no rows")
         rows = load_rows(spec, d.dataset_dir, streaming=True, max_samples=d.max_samples, seed=config.training.seed)
         encode = RowEncoder(stage, spec, template, tokenizer, d)
+        features = datasets.Features(stage.features) if stage.features else None
         if rows.column_names:
-            parts.append(rows.map(encode, with_indices=True, remove_columns=rows.column_names))
+            parts.append(rows.map(encode, with_indices=True, remove_columns=rows.column_names, features=features))
         else:  # columns unknown until read: keep only ours after encoding
-            parts.append(rows.map(encode, with_indices=True).select_columns(encoded_columns(stage)))
+            parts.append(rows.map(encode, with_indices=True, features=features).select_columns(encoded_columns(stage)))
     return mix_datasets(parts, d.mix_strategy, interleave_probs(d), config.training.seed), specs
 
 
@@ -300,8 +305,7 @@ def held_out_samples(rows: Iterable[dict], config: Config, tokenizer) -> list[Sa
     good, bad = [], []
     for row in rows:
         (bad if row["error"] else good).append(row)
-    if bad and not config.data.skip_invalid:
-        raise bad_rows_error([row["error"] for row in bad])
+    check_errors([row["error"] for row in bad], config.data.skip_invalid)
     return to_samples(good, config, tokenizer)[0]
 
 

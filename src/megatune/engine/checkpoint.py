@@ -32,7 +32,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from megatune.models.hf_io import save_tokenizer, write_side_files
+from megatune.models.hf_io import record_weight_names, save_tokenizer, write_side_files
 
 STATE_FILE = "trainer_state.json"
 # The distributed optimizer's canonical per-parameter format: loadable under another TP/PP/DP
@@ -152,6 +152,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         config.save(tmp / "config.yaml")
         write_side_files(Path(model_dir), tmp / "hf", None)
+        record_weight_names(Path(model_dir), tmp / "hf")
         if tokenizer is not None:  # changed for training (template eos): export must carry it
             save_tokenizer(tokenizer, tmp / "hf")
         state = {

@@ -125,9 +125,9 @@ class Throughput:
         self.tokens = 0
         self.flops = 0.0
 
-    def add(self, doc_lens: list[int]) -> None:
+    def add(self, doc_lens: list[int], image_grid_thw: list | None = None) -> None:
         self.tokens += sum(doc_lens)
-        self.flops += self.step_flops(doc_lens)
+        self.flops += self.step_flops(doc_lens, image_grid_thw)
 
     def report(self) -> dict:
         seconds = max(time.perf_counter() - self.start, 1e-9)

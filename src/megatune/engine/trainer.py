@@ -174,6 +174,9 @@ def train(config: Config, layout: Layout) -> int:
     bundle = build_model(config, model_dir)
     if resume is None:
         load_hf_weights(bundle, model_dir)
+    frozen = bundle.provider.freeze(bundle.chunks, config)
+    if frozen:
+        _say(f"{frozen} parameter tensors frozen (no gradients, no optimizer state; exported as loaded)")
     stage.attach(config, bundle)
     model = wrap_ddp(bundle.chunks, bundle.config, config)
     optimizer = build_optimizer(model, bundle.config, config)
@@ -325,7 +328,8 @@ class Run:
         self.window.add(result, moe_aux_loss(len(batches)))
         state.step += 1
         state.consumed_samples += len(global_batch)
-        self.throughput.add([n for s in global_batch for n in s.doc_lens])
+        self.throughput.add([n for s in global_batch for n in s.doc_lens],
+                            [g for s in global_batch for g in getattr(s, "image_grid_thw", [])])
         if not result.skipped:
             self.nonfinite_in_row = 0
             return result

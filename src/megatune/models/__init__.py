@@ -6,11 +6,12 @@ a subclass of `provider.ModelProvider` for another kind of model) and add it to 
 
 from __future__ import annotations
 
-from megatune.models import llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
+from megatune.models import llama, mixtral, qwen2, qwen2_moe, qwen2_vl, qwen3, qwen3_moe
 from megatune.models.provider import ModelProvider, UnsupportedModelError
 
 PROVIDERS: dict[str, ModelProvider] = {p.model_type: p for p in (
-    llama.PROVIDER, mixtral.PROVIDER, qwen2.PROVIDER, qwen2_moe.PROVIDER, qwen3.PROVIDER, qwen3_moe.PROVIDER
+    llama.PROVIDER, mixtral.PROVIDER, qwen2.PROVIDER, qwen2_moe.PROVIDER, qwen3.PROVIDER, qwen3_moe.PROVIDER,
+    qwen2_vl.QWEN2_VL, qwen2_vl.QWEN2_5_VL,
 )}
 
 
@@ -27,3 +28,11 @@ def get_provider(hf: dict, where: str = "config.json") -> ModelProvider:
     if problems:
         raise UnsupportedModelError("; ".join(f"{where}: {p}" for p in problems))
     return provider
+
+
+def accepts_images(model_dir: str) -> bool:
+    """Whether the model in `model_dir` has a vision tower (image rows are encoded for it)."""
+    from megatune.config import read_hf_config
+
+    hf = read_hf_config(model_dir)
+    return get_provider(hf, f"{model_dir}/config.json").accepts_images

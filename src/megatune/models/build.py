@@ -8,6 +8,7 @@ every family, and tags tensor-parallel weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
@@ -41,8 +42,8 @@ class ModelBundle:
         """Attention head layout the fused-QKV mappings split by."""
         return Shapes(self.config.num_attention_heads, self.config.num_query_groups, self.config.kv_channels)
 
-    def step_flops(self, doc_lens: list[int]) -> float:
-        return self.provider.step_flops(self.hf, doc_lens)
+    def step_flops(self, doc_lens: list[int], image_grid_thw: list | None = None) -> float:
+        return self.provider.step_flops(self.hf, doc_lens, image_grid_thw)
 
 
 def load_hf_config(model_dir: str) -> tuple[PretrainedConfig, dict]:
@@ -120,14 +121,12 @@ def build_model(config: Config, model_dir: str) -> ModelBundle:
 
 
 def checkpoint_weight_names(model_dir: str) -> set[str] | None:
-    """Tensor names of the safetensors in `model_dir`, None when it holds none (e.g. the `hf/`
-    side folder of a training checkpoint)."""
-    from megatune.models.hf_io import CheckpointError, SafetensorsSource
+    """Tensor names of the HF checkpoint in `model_dir` (recorded ones for a training
+    checkpoint's `hf/` folder); None when unknown."""
+    from megatune.models.hf_io import weight_names
 
-    try:
-        return set(SafetensorsSource(model_dir).file_of)
-    except CheckpointError:
-        return None
+    names = weight_names(Path(model_dir))
+    return None if names is None else set(names)
 
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:

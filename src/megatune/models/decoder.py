@@ -171,7 +171,7 @@ class DecoderProvider(ModelProvider):
             total += attention + (routed if sparse else dense_mlp)
         return total
 
-    def step_flops(self, hf: dict, doc_lens: list[int]) -> float:
+    def step_flops(self, hf: dict, doc_lens: list[int], image_grid_thw: list | None = None) -> float:
         """6 x matmul params x tokens + causal attention 6 x (heads x head_dim) x sum(len^2) x
         layers (QK^T and AV, 2 FLOPs per multiply-add, half the square by causality, x3 for
         forward + backward); see engine/metrics.py."""

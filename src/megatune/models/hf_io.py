@@ -25,7 +25,11 @@ SIDE_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
+    "preprocessor_config.json",  # vision-language models' image processor
+    "processor_config.json",
+    "video_preprocessor_config.json",
 )
+WEIGHT_NAMES = "megatune_weight_names.json"  # a checkpoint's hf/ folder: the source's tensor names
 
 
 class CheckpointError(ValueError):
@@ -129,10 +133,32 @@ def write_side_files(src_dir: Path, out_dir: Path, dtype: torch.dtype | None) ->
         dtype_name = str(dtype).removeprefix("torch.")
         for key in ("torch_dtype", "dtype"):
             config[key] = dtype_name
+        for sub in ("text_config", "vision_config"):  # vision-language configs nest theirs
+            if isinstance(config.get(sub), dict):
+                config[sub]["dtype"] = dtype_name
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for name in SIDE_FILES:
         if (src_dir / name).is_file():
             shutil.copyfile(src_dir / name, out_dir / name)
+
+
+def weight_names(folder: Path) -> list[str] | None:
+    """The tensor names of the HF checkpoint `folder` (or recorded there by `record_weight_names`);
+    None when it has neither. Families with several on-disk layouts pick their mappings by them."""
+    if (folder / WEIGHT_NAMES).is_file():
+        return json.loads((folder / WEIGHT_NAMES).read_text())
+    try:
+        return sorted(SafetensorsSource(folder).file_of)
+    except CheckpointError:
+        return None
+
+
+def record_weight_names(src_dir: Path, out_dir: Path) -> None:
+    """Keep the source checkpoint's tensor names beside a training checkpoint's config, so that
+    an export from it writes the on-disk layout the run started from."""
+    names = weight_names(src_dir)
+    if names is not None:
+        (out_dir / WEIGHT_NAMES).write_text(json.dumps(names))
 
 
 def clear_old_weights(out_dir: Path) -> None:

@@ -28,6 +28,7 @@ class ModelProvider(ABC):
     """The interface the engine, metrics, CLI and config validation use (see module docstring)."""
 
     model_type: str
+    accepts_images: bool = False  # has a vision tower: image rows are encoded, not refused
 
     @abstractmethod
     def problems(self, hf: dict) -> list[str]:
@@ -63,14 +64,32 @@ class ModelProvider(ABC):
         cross-entropy [b, s]; without, logits [b, s, v/tp]; other stages return hidden states."""
 
     @abstractmethod
-    def step_flops(self, hf: dict, doc_lens: list[int]) -> float:
-        """Model FLOPs of a forward + backward pass over documents of these lengths."""
+    def step_flops(self, hf: dict, doc_lens: list[int], image_grid_thw: list | None = None) -> float:
+        """Model FLOPs of a forward + backward pass over documents of these lengths (and, for a
+        vision-language model, images of these (t, h, w) patch grids)."""
+
+    def verify_inputs(self, model_dir: str, hf: dict, batch: int, seq_len: int, seed: int):
+        """`megatune verify`'s fixed pseudo-random inputs, the same on every rank: (a collated
+        `data.collator.Batch` for this provider's `forward`, the keyword arguments of the same
+        inputs for transformers' model, the transformers Auto class that loads it)."""
+        from megatune.data.collator import Batch
+        from megatune.data.processors import IGNORE
+
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, self.vocab_size(hf), (batch, seq_len), generator=gen)
+        positions = torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+        return Batch(tokens, torch.full_like(tokens, IGNORE), positions), {"input_ids": tokens}, "AutoModelForCausalLM"
 
     def vocab_size(self, hf: dict) -> int:
         return hf["vocab_size"]
 
     def tied_embeddings(self, hf: dict) -> bool:
         return bool(hf.get("tie_word_embeddings"))
+
+    def freeze(self, chunks, config) -> int:
+        """Stop gradients to the parts the run config freezes; returns the number of tensors
+        frozen (families without freezable parts have none: config validation refuses the keys)."""
+        return 0
 
     def startup_notes(self, hf: dict, config) -> list[str]:
         """Lines printed once at start-up about how this model will run (e.g. the MoE path)."""

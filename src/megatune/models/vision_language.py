@@ -47,8 +47,9 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from transformers import PretrainedConfig
 
-from megatune.models.family import Family, UnsupportedModelError, check_no_mlp_bias, dense_decoder_mappings, head_dim
-from megatune.models.mappings import Mapping, Replicated, Shapes
+from megatune.models.decoder import check_no_mlp_bias, dense_decoder_mappings, head_dim
+from megatune.models.mappings import Mapping, Replicated
+from megatune.models.provider import UnsupportedModelError
 
 VISION_MODULE = "vision_model"  # attribute (and Megatron-name prefix) of the vision tower
 PROJECTOR_MODULE = f"{VISION_MODULE}.merger"  # the patch merger = LLaMA-Factory's "multi_modal_projector"
@@ -196,18 +197,6 @@ def check_vl_config(hf: dict) -> list[str]:
     return problems
 
 
-def vl_family(model_type: str, layout: str) -> Family:
-    """A `Family` for the current loader/exporter (`models/weights.py`): model_type, mappings
-    of `layout`, q/k/v biases (Qwen2 decoder)."""
-    return Family(
-        model_type=model_type,
-        rotary_embedding=_TEXT_ROTARY[model_type],
-        mappings=qwen2_vl_mappings(model_type, layout),
-        qkv_bias=lambda hf: True,
-        checks=(lambda hf: "; ".join(check_vl_config(hf)) or None,),
-    )
-
-
 def text_inv_freq(hf_config: PretrainedConfig) -> torch.Tensor:
     """Rotary inverse frequencies [head_dim / 2] as transformers' text rotary class computes them."""
     module_name, cls_name = _TEXT_ROTARY[hf_config.model_type].rsplit(".", 1)
@@ -248,6 +237,7 @@ class VisionLanguageModel(GPTModel):
         )
         self.image_token_id = int(hf_config.image_token_id)
         self.video_token_id = int(hf_config.video_token_id)
+        self.spatial_merge_size = int(hf_config.vision_config.spatial_merge_size)
         self.vision_model = build_vision_tower(hf_config, config.params_dtype) if self.pre_process else None
 
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
@@ -362,13 +352,11 @@ def build_vision_language_model(
     post_process: bool,
     vp_stage: Optional[int] = None,
 ) -> VisionLanguageModel:
-    """One model chunk with transformers' rotary frequencies and TP flags set.
+    """One model chunk with transformers' rotary frequencies (models/build.py sets the TP flags).
 
     `config` is the language model's TransformerConfig with `mrope_section` (see
-    `vl_transformer_config`); `layer_spec` the decoder spec of this stage
+    `models/qwen2_vl.py`); `layer_spec` the decoder spec of this stage
     (`layers/spec.py:decoder_spec(config, False, vp_stage)`)."""
-    from megatune.models.build import mark_tensor_parallel_weights
-
     text = hf_config.text_config
     model = VisionLanguageModel(
         config,
@@ -383,55 +371,7 @@ def build_vision_language_model(
         vp_stage=vp_stage,
     )
     model.rotary_pos_emb.inv_freq = text_inv_freq(hf_config).to(model.rotary_pos_emb.inv_freq.device)
-    mark_tensor_parallel_weights(model)
     return model
-
-
-def vl_transformer_config(run_config, hf_config: PretrainedConfig, family: Family) -> TransformerConfig:
-    """The run's TransformerConfig (`models/build.py:transformer_config`) for the text model,
-    plus `mrope_section`."""
-    from megatune.models.build import transformer_config
-
-    tc = transformer_config(run_config, text_config_dict(hf_config), family)
-    return dataclasses.replace(tc, mrope_section=mrope_section(hf_config))
-
-
-def build_vl_bundle(run_config, model_dir: str, layout: str | None = None):
-    """`models/build.py:build_model` for Qwen2(.5)-VL: this rank's chunks (PP/VPP aware) in a
-    ModelBundle whose `hf` is `text_config_dict` and whose family holds the mappings of the
-    checkpoint's layout (detected from its tensor names unless given)."""
-    from megatune.layers.spec import decoder_spec
-    from megatune.models.build import ModelBundle, load_hf_config
-    from megatune.models.hf_io import SafetensorsSource
-
-    hf_config, _ = load_hf_config(model_dir)
-    if hf_config.model_type not in _VISION_CLASSES:
-        raise UnsupportedModelError(f"{model_dir}/config.json: model_type '{hf_config.model_type}' is not a vision-language model")
-    if layout is None:
-        layout = detect_layout(SafetensorsSource(model_dir).file_of, where=model_dir)
-    family = vl_family(hf_config.model_type, layout)
-    hf = text_config_dict(hf_config)
-    problems = family.problems(hf)
-    if problems:
-        raise UnsupportedModelError("; ".join(f"{model_dir}/config.json: {p}" for p in problems))
-    tc = vl_transformer_config(run_config, hf_config, family)
-    vpp = tc.virtual_pipeline_model_parallel_size
-    chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
-        chunk = build_vision_language_model(
-            tc,
-            hf_config,
-            decoder_spec(tc, False, stage),
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage,
-        )
-        if torch.cuda.is_available():
-            chunk.cuda(torch.cuda.current_device())
-        chunks.append(chunk)
-    shapes = Shapes(tc.num_attention_heads, tc.num_query_groups, head_dim(hf))
-    return ModelBundle(chunks, family, hf_config, hf, shapes, tc)
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------

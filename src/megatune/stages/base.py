@@ -35,6 +35,12 @@ class Stage(ABC):
 
     # -- data -------------------------------------------------------------------------------
 
+    features: dict | None = None  # datasets.Features of the encoded columns, when they cannot be inferred
+
+    def fingerprint(self) -> dict:
+        """What besides the data keys this stage's encoding depends on (for tokenized_path)."""
+        return {}
+
     def prepare_tokenizer(self, config, tokenizer) -> str | None:
         """Adjust the tokenizer for this run before encoding (returns a note when it changed)."""
         return None
