@@ -152,7 +152,7 @@ def run_parity(model_dir: str, tp: int, pp: int, sp: bool) -> dict:
 
     from megatune.config import load_config, validate
     from megatune.distributed import init_distributed
-    from megatune.models.vision_language import build_vl_bundle
+    from megatune.models.build import build_model
     from megatune.models.weights import load_hf_weights
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -163,7 +163,7 @@ def run_parity(model_dir: str, tp: int, pp: int, sp: bool) -> dict:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     init_distributed(validate(config, world), seed=0)
-    bundle = build_vl_bundle(config, model_dir)
+    bundle = build_model(config, model_dir)
     loaded = load_hf_weights(bundle, model_dir)
     batch = make_batch(model_dir)
     mine = megatron_logits(bundle, batch)
@@ -209,10 +209,10 @@ def test_logits_match_transformers_one_process(vl_models, family):
 def test_wrong_mrope_section_is_caught(vl_models, monkeypatch):
     """The comparison sees position errors: swapping M-RoPE's channel split moves the logits."""
     from megatune.distributed import shutdown
-    from megatune.models import vision_language
+    from megatune.models import qwen2_vl
 
-    right = vision_language.mrope_section
-    monkeypatch.setattr(vision_language, "mrope_section", lambda hf: list(reversed(right(hf))))
+    right = qwen2_vl.mrope_section
+    monkeypatch.setattr(qwen2_vl, "mrope_section", lambda hf: list(reversed(right(hf))))
     try:
         result = run_parity(vl_models["qwen2_vl"], 1, 1, False)
     finally:
@@ -229,7 +229,7 @@ def test_packed_documents_match_transformers_rows(vl_models, family):
     from megatune.config import load_config, validate
     from megatune.distributed import init_distributed, shutdown
     from megatune.models.mrope import mrope_position_ids
-    from megatune.models.vision_language import build_vl_bundle
+    from megatune.models.build import build_model
     from megatune.models.weights import load_hf_weights
 
     model_dir = vl_models[family]
@@ -243,7 +243,7 @@ def test_packed_documents_match_transformers_rows(vl_models, family):
     config = load_config(None, {"model_name_or_path": model_dir})
     init_distributed(validate(config, 1), seed=0)
     try:
-        bundle = build_vl_bundle(config, model_dir)
+        bundle = build_model(config, model_dir)
         load_hf_weights(bundle, model_dir)
         model = bundle.chunks[0].eval()
         with torch.no_grad():
@@ -263,7 +263,7 @@ def test_text_only_training_batch_touches_the_vision_tower(vl_models):
     logits those of transformers' text-only forward."""
     from megatune.config import load_config, validate
     from megatune.distributed import init_distributed, shutdown
-    from megatune.models.vision_language import build_vl_bundle
+    from megatune.models.build import build_model
     from megatune.models.weights import load_hf_weights
     from transformers import AutoModelForImageTextToText
 
@@ -273,7 +273,7 @@ def test_text_only_training_batch_touches_the_vision_tower(vl_models):
     config = load_config(None, {"model_name_or_path": model_dir})
     init_distributed(validate(config, 1), seed=0)
     try:
-        bundle = build_vl_bundle(config, model_dir)
+        bundle = build_model(config, model_dir)
         load_hf_weights(bundle, model_dir)
         model = bundle.chunks[0].train()
         logits = model(ids, positions, None)
@@ -327,7 +327,8 @@ def test_both_layouts_load_and_export_bit_exact(vl_models, family, layout, tmp_p
 
     from megatune.config import load_config, validate
     from megatune.distributed import init_distributed, shutdown
-    from megatune.models.vision_language import build_vl_bundle, param_group
+    from megatune.models.build import build_model
+    from megatune.models.vision_language import param_group
     from megatune.models.weights import export_hf, load_hf_weights
 
     src = vl_models[family]
@@ -336,7 +337,7 @@ def test_both_layouts_load_and_export_bit_exact(vl_models, family, layout, tmp_p
     config = load_config(None, {"model_name_or_path": src})
     init_distributed(validate(config, 1), seed=0)
     try:
-        bundle = build_vl_bundle(config, src)
+        bundle = build_model(config, src)
         load_hf_weights(bundle, src)
         export_hf(bundle, src, str(tmp_path / "export"), torch.float32)
         groups = {param_group(n) for n, _ in bundle.chunks[0].named_parameters()}
