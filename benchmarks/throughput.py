@@ -83,9 +83,12 @@ def breakdown(prof, wall_us: float) -> dict:
     """Kernel time by part (share of summed kernel time) and the share of wall time with no
     kernel running (union of kernel intervals)."""
     kernels = []
+    cpu_self: dict[str, float] = {}
     for evt in prof.events():
         if getattr(evt, "device_type", None) is not None and "CUDA" in str(evt.device_type):
             kernels.append((evt.time_range.start, evt.time_range.end, evt.name))
+        else:
+            cpu_self[evt.name[:80]] = cpu_self.get(evt.name[:80], 0.0) + evt.self_cpu_time_total
     total = sum(e - s for s, e, _ in kernels) or 1.0
     parts: dict[str, float] = {}
     top: dict[str, float] = {}
@@ -106,6 +109,7 @@ def breakdown(prof, wall_us: float) -> dict:
         "idle_share_of_wall": max(0.0, 1 - busy / wall_us) if wall_us else None,
         "parts": {k: round(v / total, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
         "top_kernels_ms": {k: round(v / 1e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]},
+        "top_cpu_self_ms": {k: round(v / 1e3, 2) for k, v in sorted(cpu_self.items(), key=lambda kv: -kv[1])[:30]},
     }
 
 
@@ -126,7 +130,8 @@ def run_megatune(args) -> dict:
     from megatune.models import build
     from megatune.models.weights import load_hf_weights
 
-    fast = args.path == "fast"
+    fast = args.path.startswith("fast")
+    compiled_norm_rope = args.path == "fast"  # fast-nocompile: the rest of the fast path, eager norm/rope
     overrides = {
         "model_name_or_path": args.model_dir,
         "stage": "pt",
@@ -135,7 +140,7 @@ def run_megatune(args) -> dict:
         "gradient_accumulation_steps": args.grad_accum,
         "learning_rate": 1e-5,
         "output_dir": "/tmp/throughput_unused",
-        "apply_rope_fusion": fast,
+        "apply_rope_fusion": compiled_norm_rope,
     }
     config = load_config(None, overrides)
     layout = derive_layout(config, 1)
@@ -148,7 +153,7 @@ def run_megatune(args) -> dict:
 
         def transformer_config(cfg, hf, family):
             tc = original(cfg, hf, family)
-            tc.persist_layer_norm = True
+            tc.persist_layer_norm = compiled_norm_rope
             tc.gradient_accumulation_fusion = True
             tc.cross_entropy_loss_fusion = True
             return tc
@@ -211,6 +216,25 @@ def run_megatune(args) -> dict:
             sync()
             wall_us = (time.perf_counter() - t0) * 1e6
         prof_out = breakdown(prof, wall_us)
+    cprof = None
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        batches = step_batches()
+        sync()
+        pr = cProfile.Profile()
+        pr.enable()
+        train_step(model, optimizer, batches)
+        sync()
+        pr.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(pr, stream=buf)
+        stats.sort_stats("tottime").print_stats(35)
+        stats.sort_stats("cumulative").print_stats(45)
+        cprof = buf.getvalue()
+        print(cprof, file=sys.stderr)
     timed = times[args.warmup:]
     step_s = sum(timed) / len(timed)
     tokens = args.micro_batch * args.grad_accum * args.seq_len
@@ -232,6 +256,7 @@ def run_megatune(args) -> dict:
         "losses": [round(x, 5) for x in losses],
         "flop_formula": FLOP_FORMULA,
         "profile": prof_out,
+        "cprofile": cprof,
     }
 
 
@@ -276,9 +301,10 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--paths", nargs="*", default=["plain", "fast"], choices=["plain", "fast"])
+    parser.add_argument("--paths", nargs="*", default=["plain", "fast"], choices=["plain", "fast", "fast-nocompile"])
     parser.add_argument("--baseline", nargs="*", default=[], help="'hf' runs transformers amp and bf16")
     parser.add_argument("--profile", nargs="*", default=[], help="paths to profile (2 extra steps)")
+    parser.add_argument("--cprofile", nargs="*", default=[], help="paths to run one step under cProfile")
     parser.add_argument("--ce_chunk", type=int, default=2048)
     parser.add_argument("--no_fused_adam", action="store_true")
     parser.add_argument("--out", default=None)
@@ -287,6 +313,7 @@ def main() -> None:
     args.model_dir = args.model_dir or f"/tmp/{args.shape}"
     if args.path:  # child
         args.profile = args.path in args.profile
+        args.cprofile = args.path in args.cprofile
         emit(run_megatune(args), None)
         return
     ensure_model(args.shape, args.model_dir)
@@ -301,7 +328,10 @@ def main() -> None:
         if proc.returncode != 0 or not rows:
             emit({"run": f"megatune {path}", "error": (proc.stdout[-2000:] + proc.stderr[-4000:])}, args.out)
         else:
-            emit(json.loads(rows[-1]), args.out)
+            row = json.loads(rows[-1])
+            if row.get("cprofile"):
+                print(row.pop("cprofile"), file=sys.stderr)
+            emit(row, args.out)
 
 
 if __name__ == "__main__":
