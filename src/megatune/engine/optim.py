@@ -65,12 +65,58 @@ def build_optimizer(model: list[DistributedDataParallel], tc: TransformerConfig,
         overlap_param_gather=p.overlap_param_gather and p.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
+    if torch.cuda.is_available():
+        use_fused_adam(optimizer)
     tc.grad_scale_func = optimizer.scale_loss
     tc.finalize_model_grads_func = finalize_model_grads
     if p.overlap_grad_reduce:
         syncs = [chunk.no_sync for chunk in model]
         tc.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
     return optimizer
+
+
+def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch Adam/AdamW instances inside a Megatron optimizer (chained for MoE: dense and
+    expert parameters have one each)."""
+    found = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            found.append(inner)
+    return found
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch the torch Adam(W) that `get_megatron_optimizer` builds without Apex/TE to torch's
+    fused CUDA kernel (`fused=True`): one kernel over all fp32 main params instead of the
+    default foreach path (2.7x faster and 6.5 GB less temporary memory on 1.7e9 params, DESIGN.md §7).
+    Megatron constructs the torch class with defaults (foreach), so the flag is set on each
+    param group, where torch's step reads it. Same update formula, so numerics are unchanged up
+    to rounding. Returns the number of param groups switched; 0 when the optimizer is not
+    torch's (TE/Apex FusedAdam is already fused).
+
+    torch's fused step wants every `step` state on the parameter's device; a checkpoint load may
+    leave it on the host, so a pre-step hook moves such tensors (a no-op once they are there)."""
+    switched = 0
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            if not all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                       for p in group["params"]):
+                continue
+            group["fused"], group["foreach"] = True, False
+            switched += 1
+        adam.register_step_pre_hook(_steps_on_device)
+    return switched
+
+
+def _steps_on_device(adam, args, kwargs) -> None:
+    for group in adam.param_groups:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            step = adam.state.get(p, {}).get("step")
+            if step is not None and step.device != p.device:
+                adam.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def warmup_steps(config: Config, total_steps: int) -> int:

@@ -1,0 +1,338 @@
+"""Training throughput of `megatune train`'s step on a named real model shape (random weights,
+synthetic tokens), with the same-call transformers baseline and an optional kernel-time profile.
+
+    python benchmarks/throughput.py --shape qwen3-1.7b --seq_len 4096 --grad_accum 8 \
+        --paths plain fast --baseline hf --profile fast --out /tmp/tp.jsonl
+
+Each megatune path runs in its own process (so one path's compiled kernels and patches cannot
+leak into another's numbers) through the trainer's own pieces: models/build.py's build_model,
+the HF weight loader, engine/optim.py's DDP + Megatron optimizer, and engine/step.py's
+train_step over collated micro-batches, as engine/trainer.py calls them.
+
+Paths:
+  plain  today's defaults (bias_activation_fusion on, everything else off).
+  fast   layers/fused.py's enable_fast_path() + compiled RMSNorm (persist_layer_norm), RoPE
+         (apply_rope_fusion), gradient_accumulation_fusion, fused linear+CE
+         (layers/cross_entropy.py), fused AdamW (engine/optim.py, on in both paths on CUDA
+         unless --no_fused_adam), and micro-batches moved to the GPU before the step, so the
+         schedule's `.to(device)` copies no longer drain the GPU queue (3 host syncs per
+         micro-batch otherwise). The TransformerConfig fields are set by wrapping
+         models/build.py's transformer_config here until build.py sets them from the config.
+
+FLOPs (the same formula as engine/metrics.py and DESIGN.md §4): 6 x matmul params x tokens
+(embedding lookups free, the output layer counted) + causal attention 6 x heads x head_dim x
+sum(seq^2) x layers. MFU is against 989 TFLOP/s (H100/H200 dense bf16).
+
+Output: one JSON line per run on stdout (and appended to --out): path, tokens_per_s_per_gpu,
+tflops_per_gpu, mfu, peak_mem_gb, step_s (mean of timed steps), losses, flop_formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEAK_TFLOPS = 989.0
+FLOP_FORMULA = ("6 * matmul_params * tokens + 6 * heads * head_dim * sum(seq_len^2) * layers "
+                "(engine/metrics.py step_flops; embedding lookups not counted, output layer counted)")
+
+
+def ensure_model(shape: str, model_dir: str) -> None:
+    if (Path(model_dir) / "config.json").is_file():
+        return
+    sys.path.insert(0, str(HERE))
+    from model_shapes import write_preset
+    import torch
+
+    write_preset(shape, model_dir, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel-time breakdown
+
+
+PARTS = [  # (part, regex on the kernel name), first match wins
+    ("comms", r"nccl"),
+    ("optimizer", r"adam|multi_tensor|foreach_norm|_foreach|lpnorm|l2norm"),
+    ("attention", r"flash|fmha|cudnn|sdpa|attention|attn"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|cublas|matmul|splitk|s16816|s1688|wgmma"),
+    ("norm", r"rsqrt|rms|norm"),
+    ("rope", r"cos|sin|rotary|rope"),
+    ("cross_entropy", r"logsumexp|log_softmax|softmax|nll|cross_entropy|gather|scatter|exp"),
+    ("swiglu", r"silu|sigmoid|swiglu|glu"),
+    ("copy/cast", r"copy|cast|convert|fill"),
+]
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for part, pattern in PARTS:
+        if re.search(pattern, low):
+            return part
+    return "other elementwise"
+
+
+def breakdown(prof, wall_us: float) -> dict:
+    """Kernel time by part (share of summed kernel time) and the share of wall time with no
+    kernel running (union of kernel intervals)."""
+    kernels = []
+    cpu_self: dict[str, float] = {}
+    for evt in prof.events():
+        if getattr(evt, "device_type", None) is not None and "CUDA" in str(evt.device_type):
+            kernels.append((evt.time_range.start, evt.time_range.end, evt.name))
+        else:
+            cpu_self[evt.name[:80]] = cpu_self.get(evt.name[:80], 0.0) + evt.self_cpu_time_total
+    total = sum(e - s for s, e, _ in kernels) or 1.0
+    parts: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for s, e, name in kernels:
+        parts[classify(name)] = parts.get(classify(name), 0.0) + (e - s)
+        top[name[:90]] = top.get(name[:90], 0.0) + (e - s)
+    busy, end = 0.0, -1.0
+    for s, e, _ in sorted(kernels):
+        if s > end:
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    return {
+        "kernel_ms": total / 1e3,
+        "wall_ms": wall_us / 1e3,
+        "idle_share_of_wall": max(0.0, 1 - busy / wall_us) if wall_us else None,
+        "parts": {k: round(v / total, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": {k: round(v / 1e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]},
+        "top_cpu_self_ms": {k: round(v / 1e3, 2) for k, v in sorted(cpu_self.items(), key=lambda kv: -kv[1])[:30]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One megatune path (child process)
+
+
+def run_megatune(args) -> dict:
+    import torch
+
+    from megatune.config import derive_layout, load_config
+    from megatune.data.collator import Batch, collate
+    from megatune.data.processors import Sample
+    from megatune.distributed import init_distributed
+    from megatune.engine import optim
+    from megatune.engine.metrics import peak_memory_gb, step_flops
+    from megatune.engine.step import train_step
+    from megatune.models import build
+    from megatune.models.weights import load_hf_weights
+
+    fast = args.path.startswith("fast")
+    compiled_norm_rope = args.path == "fast"  # fast-nocompile: the rest of the fast path, eager norm/rope
+    overrides = {
+        "model_name_or_path": args.model_dir,
+        "stage": "pt",
+        "bf16": True,
+        "per_device_train_batch_size": args.micro_batch,
+        "gradient_accumulation_steps": args.grad_accum,
+        "learning_rate": 1e-5,
+        "output_dir": "/tmp/throughput_unused",
+        "apply_rope_fusion": compiled_norm_rope,
+    }
+    config = load_config(None, overrides)
+    layout = derive_layout(config, 1)
+    init_distributed(layout, seed=0)
+    if fast:
+        from megatune.layers.fused import enable_fast_path
+
+        installed = enable_fast_path()
+        original = build.transformer_config
+
+        def transformer_config(cfg, hf, family):
+            tc = original(cfg, hf, family)
+            tc.persist_layer_norm = compiled_norm_rope
+            tc.gradient_accumulation_fusion = True
+            tc.cross_entropy_loss_fusion = True
+            return tc
+
+        build.transformer_config = transformer_config
+    else:
+        installed = []
+    if args.no_fused_adam:
+        optim.use_fused_adam = lambda optimizer: 0
+    bundle = build.build_model(config, args.model_dir)
+    load_hf_weights(bundle, args.model_dir)
+    if fast:
+        from megatune.layers.cross_entropy import use_fused_linear_cross_entropy
+
+        for chunk in bundle.chunks:
+            use_fused_linear_cross_entropy(chunk, args.ce_chunk)
+    model = optim.wrap_ddp(bundle.chunks, bundle.config, config)
+    optimizer = optim.build_optimizer(model, bundle.config, config)
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    vocab = bundle.hf["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+
+    def step_batches() -> list:
+        batches = []
+        for _ in range(args.grad_accum):
+            rows = [torch.randint(0, vocab, (args.seq_len,), generator=gen).tolist() for _ in range(args.micro_batch)]
+            b = collate([Sample(r, r) for r in rows], pad_id=0)
+            if fast:  # staged on the GPU before the step: the schedule's .to(device) is then a no-op
+                b = Batch(b.tokens.to(dev), b.labels.to(dev), b.position_ids.to(dev), None, b.lengths)
+            batches.append(b)
+        return batches
+
+    per_step = step_flops(bundle.hf, [args.seq_len] * (args.micro_batch * args.grad_accum))
+    times, losses = [], []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        batches = step_batches()
+        sync()
+        start = time.perf_counter()
+        result = train_step(model, optimizer, batches)
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(result.loss)
+    prof_out = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        batches_list = [step_batches() for _ in range(2)]
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for batches in batches_list:
+                train_step(model, optimizer, batches)
+            sync()
+            wall_us = (time.perf_counter() - t0) * 1e6
+        prof_out = breakdown(prof, wall_us)
+    cprof = None
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        batches = step_batches()
+        sync()
+        pr = cProfile.Profile()
+        pr.enable()
+        train_step(model, optimizer, batches)
+        sync()
+        pr.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(pr, stream=buf)
+        stats.sort_stats("tottime").print_stats(35)
+        stats.sort_stats("cumulative").print_stats(45)
+        cprof = buf.getvalue()
+        print(cprof, file=sys.stderr)
+    timed = times[args.warmup:]
+    step_s = sum(timed) / len(timed)
+    tokens = args.micro_batch * args.grad_accum * args.seq_len
+    tflops = per_step / step_s / 1e12
+    return {
+        "run": f"megatune {args.path}",
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "grad_accum": args.grad_accum,
+        "fast_path_installed": installed,
+        "step_s": step_s,
+        "step_s_min": min(timed),
+        "step_s_max": max(timed),
+        "tokens_per_s_per_gpu": tokens / step_s,
+        "tflops_per_gpu": tflops,
+        "mfu": tflops / PEAK_TFLOPS,
+        "peak_mem_gb": peak_memory_gb(),
+        "losses": [round(x, 5) for x in losses],
+        "flop_formula": FLOP_FORMULA,
+        "profile": prof_out,
+        "cprofile": cprof,
+    }
+
+
+def run_hf(args, precision: str) -> dict:
+    cmd = [sys.executable, str(HERE / "hf_train_baseline.py"), "--model_dir", args.model_dir, "--seq_len",
+           str(args.seq_len), "--micro_batch", str(args.micro_batch), "--grad_accum", str(args.grad_accum),
+           "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup), "--precision", precision]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode != 0 or not line:
+        return {"run": f"transformers {precision}", "error": out.stderr[-3000:]}
+    row = json.loads(line[-1])
+    return {
+        "run": f"transformers {precision}",
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "grad_accum": args.grad_accum,
+        "step_s": row["step_s"],
+        "tokens_per_s_per_gpu": row["tokens_per_s"],
+        "tflops_per_gpu": row["tflops_per_gpu"],
+        "mfu": row["tflops_per_gpu"] / PEAK_TFLOPS,
+        "peak_mem_gb": row["peak_mem_gb"],
+        "flop_formula": FLOP_FORMULA,
+    }
+
+
+def emit(row: dict, out: str | None) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="qwen3-1.7b")
+    parser.add_argument("--model_dir", default=None, help="default: /tmp/<shape>")
+    parser.add_argument("--seq_len", type=int, default=4096)
+    parser.add_argument("--micro_batch", type=int, default=1)
+    parser.add_argument("--grad_accum", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--paths", nargs="*", default=["plain", "fast"], choices=["plain", "fast", "fast-nocompile"])
+    parser.add_argument("--baseline", nargs="*", default=[], help="'hf' runs transformers amp and bf16")
+    parser.add_argument("--profile", nargs="*", default=[], help="paths to profile (2 extra steps)")
+    parser.add_argument("--cprofile", nargs="*", default=[], help="paths to run one step under cProfile")
+    parser.add_argument("--ce_chunk", type=int, default=2048)
+    parser.add_argument("--no_fused_adam", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--path", default=None, help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args()
+    args.model_dir = args.model_dir or f"/tmp/{args.shape}"
+    if args.path:  # child
+        args.profile = args.path in args.profile
+        args.cprofile = args.path in args.cprofile
+        emit(run_megatune(args), None)
+        return
+    ensure_model(args.shape, args.model_dir)
+    if "hf" in args.baseline:
+        for precision in ("amp", "bf16"):
+            emit(run_hf(args, precision), args.out)
+    for path in args.paths:
+        cmd = [sys.executable, __file__, "--path", path] + [a for a in sys.argv[1:]]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        rows = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode != 0 or not rows:
+            emit({"run": f"megatune {path}", "error": (proc.stdout[-2000:] + proc.stderr[-4000:])}, args.out)
+        else:
+            row = json.loads(rows[-1])
+            if row.get("cprofile"):
+                print(row.pop("cprofile"), file=sys.stderr)
+            emit(row, args.out)
+
+
+if __name__ == "__main__":
+    main()

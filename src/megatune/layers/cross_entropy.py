@@ -1,0 +1,179 @@
+"""Output layer + cross-entropy in token chunks, so the full [tokens, vocab] fp32 logits never exist.
+
+The plain path (GPTModel's output layer, then Megatron's vocab-parallel cross-entropy) writes
+the bf16 logits [s, b, V/tp], an fp32 copy, its softmax and the gradient: several GB and
+several passes over s*b*V elements per micro-batch (V = 151,936 for Qwen). Here each chunk of
+`chunk_tokens` tokens computes its logits with one GEMM, reduces them to (log-sum-exp, target
+logit) in one fused kernel and drops them. The backward recomputes each chunk's logits (one
+extra GEMM, ~1/3 of the output layer's matmul FLOPs), forms the logits' gradient
+`(softmax - onehot) * grad_loss` in one fused kernel and feeds it straight to the two
+gradient GEMMs. Peak extra memory is one chunk's logits plus an fp32 weight-gradient
+accumulator.
+
+Numerics equal the plain path's: bf16 logits from the GEMM, softmax statistics in fp32,
+loss_i = logsumexp(z_i) - z_i[y_i] (Megatron's vocab_parallel_cross_entropy, no label
+smoothing). The gradient is correct for any upstream gradient of the per-token losses (masks,
+DPO-style per-sequence sums), not only for a token mean.
+
+Under tensor parallelism the weight is this rank's vocab shard [V/tp, h]; the per-chunk
+log-sum-exp is combined over the TP group (all-gather of [chunk] fp32) and the target logit
+summed (all-reduce of [chunk]), as Megatron's vocab-parallel cross-entropy does.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatune.layers.fused import _compiled, accumulate_wgrad
+
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+def _chunk_stats(logits: torch.Tensor, target: torch.Tensor, in_range: torch.Tensor):
+    """(logsumexp over the local vocab, logit of the target or 0 when it is on another rank), fp32."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    tgt = torch.gather(z, -1, target.unsqueeze(-1)).squeeze(-1)
+    return lse, torch.where(in_range, tgt, torch.zeros_like(tgt))
+
+
+def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, in_range: torch.Tensor,
+                grad: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits = (softmax(z) - onehot(y)) * grad_loss, in the logits' dtype."""
+    p = torch.exp(logits.float() - lse.unsqueeze(-1))
+    cols = torch.arange(logits.shape[-1], device=logits.device)
+    onehot = (cols.unsqueeze(0) == target.unsqueeze(-1)) & in_range.unsqueeze(-1)
+    return ((p - onehot.float()) * grad.float().unsqueeze(-1)).to(logits.dtype)
+
+
+def _fn(fn: Callable, x: torch.Tensor) -> Callable:
+    return _compiled(fn) if x.is_cuda else fn
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk, tp_group):
+        tokens, vocab_local = hidden.shape[0], weight.shape[0]
+        tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
+        first = (dist.get_rank(tp_group) if tp > 1 else 0) * vocab_local
+        local = target - first
+        in_range = (local >= 0) & (local < vocab_local)
+        local = torch.where(in_range, local, torch.zeros_like(local))
+        lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+        tgt = torch.empty_like(lse)
+        stats = _fn(_chunk_stats, hidden)
+        for i in range(0, tokens, chunk):
+            j = min(i + chunk, tokens)
+            logits = hidden[i:j] @ weight.t()
+            lse[i:j], tgt[i:j] = stats(logits, local[i:j], in_range[i:j])
+        if tp > 1:
+            parts = [torch.empty_like(lse) for _ in range(tp)]
+            dist.all_gather(parts, lse, group=tp_group)
+            lse = torch.logsumexp(torch.stack(parts), dim=0)
+            dist.all_reduce(tgt, group=tp_group)
+        ctx.save_for_backward(hidden, weight, local, in_range, lse)
+        ctx.chunk = chunk
+        return lse - tgt
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, local, in_range, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_loss = grad_loss.contiguous()
+        grad_hidden = torch.empty_like(hidden)
+        # fp32 accumulator: the chunks' weight gradients are summed before one rounding to the
+        # weight's dtype, as the plain path's single GEMM does.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_fn = _fn(_chunk_grad, hidden)
+        for i in range(0, hidden.shape[0], chunk):
+            j = min(i + chunk, hidden.shape[0])
+            logits = hidden[i:j] @ weight.t()
+            grad_logits = grad_fn(logits, lse[i:j], local[i:j], in_range[i:j], grad_loss[i:j])
+            grad_hidden[i:j] = grad_logits @ weight
+            accumulate_wgrad(grad_weight, grad_logits, hidden[i:j])
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                               tp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Per-token cross-entropy of `hidden @ weight.T` against `labels`, without full logits.
+
+    hidden: [s, b, h], the final norm's output, already gathered over sequence-parallel ranks
+    (see `output_layer_cross_entropy`); weight: [V/tp, h], this rank's vocab shard (the whole
+    vocab when tp_group is None or has one rank); labels: [b, s] int64 next-token ids in
+    [0, V). Returns [b, s] fp32 losses (logsumexp - target logit, natural log); gradients flow
+    to hidden and weight. `chunk_tokens` tokens' logits exist at a time.
+    Raises ValueError on mismatched shapes."""
+    if hidden.dim() != 3 or labels.dim() != 2 or labels.shape != (hidden.shape[1], hidden.shape[0]):
+        raise ValueError(f"fused_linear_cross_entropy wants hidden [s, b, h] and labels [b, s]; "
+                         f"got hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[2]}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    s, b, h = hidden.shape
+    flat = hidden.reshape(s * b, h)  # token order s-major, so labels go [b, s] -> [s, b]
+    target = labels.t().reshape(-1)
+    loss = _LinearCrossEntropy.apply(flat, weight, target, chunk_tokens, tp_group)
+    return loss.view(s, b).t().contiguous()
+
+
+def output_layer_cross_entropy(output_layer, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """What GPTModel's `output_layer(hidden)` + `compute_language_model_loss(labels, logits)`
+    compute, through `fused_linear_cross_entropy`: the same tensor-parallel input handling as
+    Megatron's ColumnParallelLinear (all-gather over sequence-parallel ranks, whose backward
+    reduce-scatters; otherwise an identity whose backward all-reduces over TP).
+
+    output_layer: the model's ColumnParallelLinear; hidden: [s/tp (SP) or s, b, h]; weight: its
+    weight or the shared embedding weight [V/tp, h]; labels [b, s]. Returns [b, s] fp32."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    group = getattr(output_layer, "tp_group", None)
+    tp = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    if tp > 1:
+        if output_layer.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=group)
+    return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens, group if tp > 1 else None)
+
+
+def use_fused_linear_cross_entropy(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+    """Make a Megatron GPTModel compute its training loss with `output_layer_cross_entropy`.
+
+    Replaces the instance's `_postprocess` (GPTModel's last step: output layer, then the loss
+    when labels are given) with one that, when labels are given on the last stage and neither
+    multi-token prediction nor inference is in play, returns the same [b, s] fp32 per-token loss
+    without materialising logits; every other call goes to Megatron's own method. Idempotent.
+    """
+    if getattr(model, "_megatune_fused_ce", False):
+        return
+    original = model._postprocess
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        plain = (
+            labels is None
+            or not self.post_process
+            or kwargs.get("mtp_in_postprocess")
+            or self.config.mtp_num_layers is not None
+            or kwargs.get("inference_context") is not None
+            or kwargs.get("inference_params") is not None
+        )
+        if plain:
+            return original(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+        return output_layer_cross_entropy(self.output_layer, hidden_states, weight, labels, chunk_tokens)
+
+    model._postprocess = types.MethodType(_postprocess, model)
+    model._megatune_fused_ce = True

@@ -1,0 +1,190 @@
+"""The torch-native fast path (layers/fused.py, layers/cross_entropy.py, engine/optim.py's fused
+Adam switch) against the plain formulas it replaces. On CPU the pieces run their eager formula
+(the same code the compiled CUDA kernels are traced from); on CUDA the compiled kernels run and
+the same tests compare them with the plain path in bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatune.layers import fused
+from megatune.layers.cross_entropy import fused_linear_cross_entropy
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _plain_rms_norm(x, w, eps):
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(x.dtype)
+
+
+def _grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    (out * upstream).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(6, 2, 64), (5, 2, 4, 16)])  # hidden norm [s,b,h]; q/k norm [s,b,heads,d]
+def test_rms_norm_matches_plain_formula_and_grads(device, shape):
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(device, dtype)
+    out, (gx, gw) = _grads(lambda a, b: fused.rms_norm(a, b, 1e-6), x, w)
+    ref, (rx, rw) = _grads(lambda a, b: _plain_rms_norm(a, b, 1e-6), x, w)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # bf16: one rounding of the output
+    assert _rel(out, ref) < tol and _rel(gx, rx) < tol and _rel(gw, rw) < tol
+
+
+def test_rms_norm_against_torch_functional():
+    """An independent formula: torch's own F.rms_norm in fp64."""
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(4, 3, 32, generator=gen, dtype=torch.float64), torch.randn(32, generator=gen, dtype=torch.float64)
+    assert torch.allclose(fused.rms_norm(x, w, 1e-5), F.rms_norm(x, (32,), w, 1e-5), atol=1e-12)
+
+
+def test_rms_norm_module_switch_and_sequence_parallel_flag():
+    from megatron.core.transformer import TransformerConfig
+
+    from megatune.layers.norm import RMSNorm
+
+    def make(fused_flag):
+        tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
+                               persist_layer_norm=fused_flag)
+        tc.sequence_parallel = True  # what the module reads for the flag; no TP group needed here
+        return RMSNorm(tc, 16)
+
+    plain, fast = make(False), make(True)
+    assert not plain.fused and fast.fused and fast.weight.sequence_parallel
+    with torch.no_grad():
+        plain.weight.copy_(torch.linspace(0.5, 1.5, 16))
+        fast.weight.copy_(plain.weight)
+    x = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(2))
+    (plain(x) ** 2).sum().backward()
+    (fast(x) ** 2).sum().backward()
+    assert torch.allclose(fast(x), plain(x), atol=1e-6)
+    assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rot_dim", [16, 8])  # full rotary and partial (channels past rot_dim pass through)
+def test_rope_matches_megatron_unfused(device, rot_dim):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    gen = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t = torch.randn(7, 2, 3, 16, generator=gen).to(device, dtype)
+    inv = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+    ang = torch.outer(torch.arange(7).float(), inv)
+    freqs = torch.cat((ang, ang), -1)[:, None, None, :].to(device)
+    out, (g,) = _grads(lambda a: fused.rotary(a, freqs), t)
+    ref, (r,) = _grads(lambda a: _apply_rotary_pos_emb_bshd(a, freqs), t)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert _rel(out, ref) < tol and _rel(g, r) < tol
+    if rot_dim < 16:
+        assert torch.equal(out[..., rot_dim:], t[..., rot_dim:])
+
+
+def _plain_linear_ce(hidden, weight, labels):
+    """GPTModel's plain path: logits in the operands' dtype, then fp32 cross-entropy."""
+    logits = hidden @ weight.t()  # [s, b, V]
+    return F.cross_entropy(logits.float().permute(1, 2, 0), labels, reduction="none")  # [b, s]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [1, 5, 4096])  # chunk of 1 token, a ragged last chunk, one chunk
+def test_linear_cross_entropy_matches_full_logits(device, chunk):
+    gen = torch.Generator().manual_seed(4)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    s, b, h, v = 6, 2, 32, 50
+    hidden = torch.randn(s, b, h, generator=gen).to(device, dtype)
+    weight = (torch.randn(v, h, generator=gen) * 0.2).to(device, dtype)
+    labels = torch.randint(0, v, (b, s), generator=gen).to(device)
+    out, (gh, gw) = _grads(lambda a, w: fused_linear_cross_entropy(a, w, labels, chunk), hidden, weight)
+    ref, (rh, rw) = _grads(lambda a, w: _plain_linear_ce(a, w, labels), hidden, weight)
+    assert out.shape == (b, s) and out.dtype == torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert _rel(out, ref) < tol and _rel(gh, rh) < tol and _rel(gw, rw) < tol
+
+
+def test_linear_cross_entropy_masked_upstream_grad():
+    """A loss mask (zero upstream gradient on some tokens) must zero their contribution, as the
+    trainer's loss_func does with prompt tokens."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, 1, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 11, (1, 5), generator=gen)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0]])
+    (fused_linear_cross_entropy(hidden, weight, labels, 2) * mask).sum().backward()
+    assert torch.all(hidden.grad[0] == 0) and torch.all(hidden.grad[3] == 0)
+    h2, w2 = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    (_plain_linear_ce(h2, w2, labels) * mask).sum().backward()
+    assert torch.allclose(hidden.grad, h2.grad, atol=1e-5) and torch.allclose(weight.grad, w2.grad, atol=1e-5)
+
+
+def test_linear_cross_entropy_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="labels"):
+        fused_linear_cross_entropy(torch.zeros(4, 2, 8), torch.zeros(10, 8), torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="hidden size"):
+        fused_linear_cross_entropy(torch.zeros(4, 2, 8), torch.zeros(10, 6), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_wgrad_accumulation_adds_into_fp32_buffer():
+    gen = torch.Generator().manual_seed(6)
+    main = torch.randn(5, 3, generator=gen)
+    g, x = torch.randn(7, 5, generator=gen), torch.randn(7, 3, generator=gen)
+    want = main + g.t() @ x
+    fused.TorchWgradAccumulation.wgrad_gemm_accum_fp32(x, g, main)
+    assert torch.allclose(main, want, atol=1e-6)
+
+
+def test_foreach_norm_and_scale_match_loops():
+    gen = torch.Generator().manual_seed(8)
+    ts = [torch.randn(n, generator=gen) for n in (3, 10, 1)]
+    norm, _ = fused.foreach_l2_norm(0, None, [ts], False)
+    assert torch.allclose(norm, torch.cat(ts).norm().reshape(1))
+    dst = [torch.zeros(t.shape, dtype=torch.float64) for t in ts]
+    fused.foreach_scale(0, None, [ts, dst], 0.5)
+    assert all(torch.allclose(d, (t * 0.5).double()) for d, t in zip(dst, ts))
+    copies = [t.clone() for t in ts]
+    fused.foreach_scale(0, None, [copies, copies], 2.0)
+    assert all(torch.allclose(c, 2 * t) for c, t in zip(copies, ts))
+
+
+def test_enable_fast_path_lets_megatron_accept_rope_fusion():
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import TransformerConfig
+
+    fused.enable_fast_path()
+    assert rope_utils.fused_apply_rotary_pos_emb is fused.fused_apply_rotary_pos_emb
+    tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, apply_rope_fusion=True)
+    assert tc.apply_rope_fusion
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's fused Adam runs on CUDA")
+def test_fused_adam_switch_matches_foreach():
+    from megatune.engine.optim import _steps_on_device
+
+    params = [torch.randn(100, device="cuda", generator=torch.Generator("cuda").manual_seed(i)) for i in range(3)]
+    a = [p.clone().requires_grad_(True) for p in params]
+    b = [p.clone().requires_grad_(True) for p in params]
+    oa, ob = torch.optim.AdamW(a, lr=1e-2), torch.optim.AdamW(b, lr=1e-2)
+    for g in ob.param_groups:
+        g["fused"], g["foreach"] = True, False
+    ob.register_step_pre_hook(_steps_on_device)
+    for step in range(3):
+        for x, y in zip(a, b):
+            x.grad = torch.full_like(x, 0.1 * (step + 1))
+            y.grad = x.grad.clone()
+        oa.step(), ob.step()
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
