@@ -125,8 +125,9 @@ def run_megatune(args) -> dict:
     from megatune.data.processors import Sample
     from megatune.distributed import init_distributed
     from megatune.engine import optim
-    from megatune.engine.metrics import peak_memory_gb, step_flops
+    from megatune.engine.metrics import peak_memory_gb
     from megatune.engine.step import train_step
+    from megatune.stages import get_stage
     from megatune.models import build
     from megatune.models.weights import load_hf_weights
 
@@ -140,35 +141,29 @@ def run_megatune(args) -> dict:
         "gradient_accumulation_steps": args.grad_accum,
         "learning_rate": 1e-5,
         "output_dir": "/tmp/throughput_unused",
+        # the fast path's switches (all on by default on GPU)
         "apply_rope_fusion": compiled_norm_rope,
+        "persist_layer_norm": compiled_norm_rope,
+        "gradient_accumulation_fusion": fast,
+        "cross_entropy_loss_fusion": fast,
     }
     config = load_config(None, overrides)
     layout = derive_layout(config, 1)
-    init_distributed(layout, seed=0)
-    if fast:
+    init_distributed(layout, seed=0)  # installs the fast path's kernels on CUDA (layers/fused.py)
+    installed = []
+    if fast and torch.cuda.is_available():
         from megatune.layers.fused import enable_fast_path
 
-        installed = enable_fast_path()
-        original = build.transformer_config
-
-        def transformer_config(cfg, hf, family):
-            tc = original(cfg, hf, family)
-            tc.persist_layer_norm = compiled_norm_rope
-            tc.gradient_accumulation_fusion = True
-            tc.cross_entropy_loss_fusion = True
-            return tc
-
-        build.transformer_config = transformer_config
-    else:
-        installed = []
+        installed = enable_fast_path()  # idempotent: reports what is installed
     if args.no_fused_adam:
         optim.use_fused_adam = lambda optimizer: 0
     bundle = build.build_model(config, args.model_dir)
     load_hf_weights(bundle, args.model_dir)
-    if fast:
+    if fast and args.ce_chunk:
         from megatune.layers.cross_entropy import use_fused_linear_cross_entropy
 
         for chunk in bundle.chunks:
+            chunk._megatune_fused_ce = False  # re-wrap with this run's chunk size
             use_fused_linear_cross_entropy(chunk, args.ce_chunk)
     model = optim.wrap_ddp(bundle.chunks, bundle.config, config)
     optimizer = optim.build_optimizer(model, bundle.config, config)
@@ -178,7 +173,8 @@ def run_megatune(args) -> dict:
             torch.cuda.synchronize()
 
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    vocab = bundle.hf["vocab_size"]
+    vocab = bundle.provider.vocab_size(bundle.hf)
+    stage = get_stage(config)
     gen = torch.Generator().manual_seed(0)
 
     def step_batches() -> list:
@@ -191,7 +187,7 @@ def run_megatune(args) -> dict:
             batches.append(b)
         return batches
 
-    per_step = step_flops(bundle.hf, [args.seq_len] * (args.micro_batch * args.grad_accum))
+    per_step = bundle.step_flops([args.seq_len] * (args.micro_batch * args.grad_accum))
     times, losses = [], []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -199,7 +195,7 @@ def run_megatune(args) -> dict:
         batches = step_batches()
         sync()
         start = time.perf_counter()
-        result = train_step(model, optimizer, batches)
+        result = train_step(stage, bundle.provider, model, optimizer, batches)
         sync()
         times.append(time.perf_counter() - start)
         losses.append(result.loss)
@@ -212,7 +208,7 @@ def run_megatune(args) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for batches in batches_list:
-                train_step(model, optimizer, batches)
+                train_step(stage, bundle.provider, model, optimizer, batches)
             sync()
             wall_us = (time.perf_counter() - t0) * 1e6
         prof_out = breakdown(prof, wall_us)
@@ -226,7 +222,7 @@ def run_megatune(args) -> dict:
         sync()
         pr = cProfile.Profile()
         pr.enable()
-        train_step(model, optimizer, batches)
+        train_step(stage, bundle.provider, model, optimizer, batches)
         sync()
         pr.disable()
         buf = io.StringIO()

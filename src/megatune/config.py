@@ -131,8 +131,12 @@ class ParallelSection:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
-    bias_activation_fusion: bool = True
-    apply_rope_fusion: bool = False
+    # GPU fast path (layers/fused.py, layers/cross_entropy.py); on CPU the plain formulas run
+    bias_activation_fusion: bool = True  # SwiGLU: Megatron's compiled kernel
+    apply_rope_fusion: bool = True  # RoPE: torch.compile'd
+    persist_layer_norm: bool = True  # RMSNorm (and q/k norm): torch.compile'd
+    gradient_accumulation_fusion: bool = True  # weight grads added straight into the fp32 main_grad
+    cross_entropy_loss_fusion: bool = True  # chunked output-layer + cross-entropy, no full fp32 logits
     nproc_per_node: int = 1
 
 

@@ -45,6 +45,9 @@ def init_distributed(layout: Layout, seed: int, timeout_s: int = 1800) -> None:
     enable_cpu_compat()
     enable_megatron_fixes()
     if torch.cuda.is_available():
+        from megatune.layers.fused import enable_fast_path
+
+        enable_fast_path()  # Megatron refuses the fusion flags unless their kernels are installed
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -81,9 +81,13 @@ def transformer_config(config: Config, hf: dict, provider: ModelProvider) -> Tra
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,  # every weight comes from the HF checkpoint
         bias_activation_fusion=p.bias_activation_fusion,
+        # The fused pieces are torch.compile'd / chunked kernels (layers/fused.py) installed when
+        # CUDA is present; on CPU the plain formulas run.
         apply_rope_fusion=p.apply_rope_fusion and on_gpu,
+        persist_layer_norm=p.persist_layer_norm and on_gpu,
+        gradient_accumulation_fusion=p.gradient_accumulation_fusion and on_gpu,
+        cross_entropy_loss_fusion=p.cross_entropy_loss_fusion and on_gpu,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
         recompute_granularity=p.recompute_granularity,
         recompute_method=p.recompute_method,
         recompute_num_layers=p.recompute_num_layers,
@@ -114,6 +118,10 @@ def build_model(config: Config, model_dir: str) -> ModelBundle:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
         )
         mark_tensor_parallel_weights(model)
+        if tc.cross_entropy_loss_fusion:
+            from megatune.layers.cross_entropy import use_fused_linear_cross_entropy
+
+            use_fused_linear_cross_entropy(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
