@@ -20,7 +20,7 @@ import torch
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from megatune.engine.metrics import step_flops
+    from megatune.models import get_provider
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", required=True)
@@ -38,7 +38,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     vocab = hf["vocab_size"]
-    per_step = step_flops(hf, [args.seq_len] * (args.micro_batch * args.grad_accum))
+    per_step = get_provider(hf).step_flops(hf, [args.seq_len] * (args.micro_batch * args.grad_accum))
     times = []
     for step in range(args.steps):
         torch.cuda.synchronize()

@@ -6,7 +6,7 @@ top-8, moe_intermediate 768, vocab 151936) cut to `--layers` layers, random bf16
 with transformers (benchmarks/model_shapes.py's preset). Both sides run pure bf16, SDPA attention,
 forward + backward of a mean token loss per micro-batch (no optimizer step: only the model's work
 is compared). Model FLOPs count 6 x matmul parameters per token with only the routed (active)
-experts plus the router, and causal attention (megatune.engine.metrics.step_flops).
+experts plus the router, and causal attention (the model provider's step_flops).
 
     python benchmarks/moe_gpu.py [--layers 4] [--seq_len 4096] [--micro_batch 1] [--steps 10] [--warmup 3]
         [--runs hf megatune megatune_loop] [--model_dir /tmp/qwen3-30b-a3b-moe]
@@ -105,7 +105,7 @@ def run_megatune(args, grouped: bool) -> dict:
 
 
 def child(args) -> None:
-    from megatune.engine.metrics import step_flops
+    from megatune.models import get_provider
 
     torch.cuda.reset_peak_memory_stats()
     if args.child == "hf":
@@ -114,7 +114,7 @@ def child(args) -> None:
         result = run_megatune(args, grouped=args.child == "megatune")
     hf, seconds = result.pop("hf"), result.pop("seconds")
     tokens = args.micro_batch * args.seq_len
-    flops = step_flops(hf, [args.seq_len] * args.micro_batch)
+    flops = get_provider(hf).step_flops(hf, [args.seq_len] * args.micro_batch)
     print(json.dumps({
         **result,
         "layers": hf["num_hidden_layers"], "seq_len": args.seq_len, "micro_batch": args.micro_batch,

@@ -121,8 +121,13 @@ class VisionLanguageProvider(DecoderProvider):
         tokens = torch.tensor(rows)
         ours = Batch(tokens, torch.full_like(tokens, IGNORE), torch.zeros_like(tokens),
                      extras={"pixel_values": processed["pixel_values"], "image_grid_thw": grids})
-        hf_inputs = {"input_ids": tokens, "pixel_values": processed["pixel_values"], "image_grid_thw": grids,
-                     "mm_token_type_ids": (tokens == image_id).int()}
+        hf_inputs = {"input_ids": tokens, "pixel_values": processed["pixel_values"], "image_grid_thw": grids}
+        import inspect
+
+        from transformers import Qwen2VLForConditionalGeneration
+
+        if "mm_token_type_ids" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters:
+            hf_inputs["mm_token_type_ids"] = (tokens == image_id).int()  # transformers >= 5.2x needs it for M-RoPE
         return ours, hf_inputs, "AutoModelForImageTextToText"
 
     def freeze(self, chunks, config) -> int:

@@ -244,7 +244,9 @@ class VisionLanguageModel(GPTModel):
         """Merged image features [sum_i t_i*h_i*w_i / merge^2, hidden] (the language model's
         width) from pixel_values [num_patches, C*T*P*P] and image_grid_thw [num_images, 3]."""
         out = self.vision_model(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw)
-        return out.pooler_output
+        # transformers >= 5.2x returns an output object (merged features as pooler_output);
+        # earlier 5.x releases return the merged features themselves
+        return out.pooler_output if hasattr(out, "pooler_output") else out
 
     def embed(
         self,
