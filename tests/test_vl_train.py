@@ -87,6 +87,27 @@ def test_training_step_matches_transformers_and_exports_bit_exact(tmp_path, vl_m
     assert before.keys() == after.keys()  # the published layout (visual.*, model.layers.*) written back
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "out" / "preprocessor_config.json").is_file()
+    if layout == "1proc":
+        generates_from_an_image(tmp_path / "out")
+
+
+def generates_from_an_image(folder):
+    """The exported folder is a complete transformers checkpoint: model, image processor and
+    tokenizer load, and it generates from an image."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    image = AutoImageProcessor.from_pretrained(str(folder))(images=[Image.new("RGB", (56, 56), (200, 30, 30))],
+                                                             return_tensors="pt")
+    n = int(image["image_grid_thw"][0].prod()) // 4
+    c = model.config
+    ids = torch.tensor([[c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
+                        + tokenizer.encode("colour?", add_special_tokens=False)])
+    out = model.generate(input_ids=ids, pixel_values=image["pixel_values"], image_grid_thw=image["image_grid_thw"],
+                         max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 3
 
 
 def test_images_for_a_text_only_model_are_refused(tmp_path):
@@ -121,3 +142,25 @@ def test_llama_factory_mllm_demo_trains(tmp_path, vl_model):
     train(config)
     rows = log_rows(tmp_path / "out")
     assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+
+
+def test_rows_whose_images_overflow_cutoff_are_dropped_and_counted(vl_model, caplog):
+    """LLaMA-Factory's rule for image rows that do not fit: left out with a warning and counted,
+    never cut inside an image, never an error (whatever skip_invalid says)."""
+    from transformers import AutoTokenizer
+
+    from megatune.config import load_config
+    from megatune.data.pipeline import build_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(vl_model)
+    values = {**VL, "model_name_or_path": vl_model}
+    full, _ = build_samples(load_config(None, {**values, "cutoff_len": 1024}), tokenizer)
+    lengths = sorted(len(s.input_ids) for s in full)
+    cutoff = lengths[len(lengths) // 2]  # about half the rows are longer
+    samples, stats = build_samples(load_config(None, {**values, "cutoff_len": cutoff}), tokenizer)
+    assert 0 < stats.dropped < len(full)
+    assert stats.samples == len(samples) == len(full) - stats.dropped
+    image_id = 11  # the tiny tokenizer's <|image_pad|>
+    for s in samples:  # every kept row holds its images' tokens whole
+        assert sum(t == image_id for t in s.input_ids) == sum(g[0] * g[1] * g[2] // 4 for g in s.image_grid_thw)
+    assert any("left out" in r.message for r in caplog.records)
