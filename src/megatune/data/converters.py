@@ -45,11 +45,11 @@ def to_conversation(row: dict, spec: DatasetSpec, source: str, stage: str = "sft
                 f"remove `columns.{media}` of '{spec.name}' from dataset_info.json or drop those rows"
             )
     if spec.formatting == "alpaca":
-        conv = _alpaca(row, spec, source)
+        conv = parse_alpaca(row, spec, source)
     else:
-        conv = _chat(row, spec, source)
-    conv.tools = _tools(_optional(row, spec, "tools", source), source)
-    conv.images = _images(_optional(row, spec, "images", source), spec, source)
+        conv = parse_chat(row, spec, source)
+    conv.tools = parse_tools(optional_column(row, spec, "tools", source), source)
+    conv.images = parse_images(optional_column(row, spec, "images", source), spec, source)
     conv.source = source
     return conv
 
@@ -80,7 +80,7 @@ def convert_rows(
 # Columns
 
 
-def _missing(row: dict, spec: DatasetSpec, key: str, column: str, source: str) -> DataError:
+def missing_column_error(row: dict, spec: DatasetSpec, key: str, column: str, source: str) -> DataError:
     return DataError(
         f"{source}: missing column '{column}' (the {key} of a {spec.formatting} dataset); found columns "
         f"{sorted(row)}; rename the data's column or set `columns.{key}` of '{spec.name}' in dataset_info.json"
@@ -90,11 +90,11 @@ def _missing(row: dict, spec: DatasetSpec, key: str, column: str, source: str) -
 def _required(row: dict, spec: DatasetSpec, key: str, source: str) -> Any:
     column = spec.column(key)
     if column not in row:
-        raise _missing(row, spec, key, column, source)
+        raise missing_column_error(row, spec, key, column, source)
     return row[column]
 
 
-def _optional(row: dict, spec: DatasetSpec, key: str, source: str) -> Any:
+def optional_column(row: dict, spec: DatasetSpec, key: str, source: str) -> Any:
     """The value of a column that is on by default or configured; None when off or empty.
     A column the user configured explicitly must exist."""
     column = spec.column(key)
@@ -102,12 +102,12 @@ def _optional(row: dict, spec: DatasetSpec, key: str, source: str) -> Any:
         return None
     if column not in row:
         if key in spec.columns:
-            raise _missing(row, spec, key, column, source)
+            raise missing_column_error(row, spec, key, column, source)
         return None
     return row[column]
 
 
-def _text(value: Any, what: str, source: str) -> str:
+def text_value(value: Any, what: str, source: str) -> str:
     """A text field: None -> "", numbers (e.g. from csv) -> str, anything else is an error."""
     if value is None:
         return ""
@@ -121,8 +121,8 @@ def _text(value: Any, what: str, source: str) -> str:
 def _pretrain(row: dict, spec: DatasetSpec, source: str) -> Conversation:
     column = spec.columns.get("prompt") or "text"
     if column not in row:
-        raise _missing(row, spec, "prompt", column, source)
-    text = _text(row[column], f"text column '{column}'", source)
+        raise missing_column_error(row, spec, "prompt", column, source)
+    text = text_value(row[column], f"text column '{column}'", source)
     if not text.strip():
         raise DataError(f"{source}: empty text in column '{column}'; remove the row or set skip_invalid: true")
     return Conversation(messages=[Message(Role.ASSISTANT, text)], source=source)
@@ -132,13 +132,13 @@ def _pretrain(row: dict, spec: DatasetSpec, source: str) -> Conversation:
 # alpaca
 
 
-def _alpaca(row: dict, spec: DatasetSpec, source: str) -> Conversation:
-    prompt = _text(_required(row, spec, "prompt", source), f"column '{spec.column('prompt')}'", source)
-    query = _text(_optional(row, spec, "query", source), f"column '{spec.column('query')}'", source)
+def parse_alpaca(row: dict, spec: DatasetSpec, source: str) -> Conversation:
+    prompt = text_value(_required(row, spec, "prompt", source), f"column '{spec.column('prompt')}'", source)
+    query = text_value(optional_column(row, spec, "query", source), f"column '{spec.column('query')}'", source)
     response = _required(row, spec, "response", source)
     if isinstance(response, list):
         raise DataError(f"{source}: response column '{spec.column('response')}' holds a list; sft needs one answer")
-    response = _text(response, f"column '{spec.column('response')}'", source)
+    response = text_value(response, f"column '{spec.column('response')}'", source)
     user = "\n".join(part for part in (prompt, query) if part)
     if not user.strip():
         raise DataError(f"{source}: empty prompt (columns '{spec.column('prompt')}' and '{spec.column('query')}')")
@@ -148,7 +148,7 @@ def _alpaca(row: dict, spec: DatasetSpec, source: str) -> Conversation:
             f"write an answer or remove the row (or set skip_invalid: true)"
         )
     messages = []
-    history = _optional(row, spec, "history", source) or []
+    history = optional_column(row, spec, "history", source) or []
     if not isinstance(history, list):
         raise DataError(f"{source}: history must be a list of [question, answer] pairs")
     for i, pair in enumerate(history):
@@ -158,7 +158,7 @@ def _alpaca(row: dict, spec: DatasetSpec, source: str) -> Conversation:
             raise DataError(f"{source}: empty response in history item {i}")
         messages += [Message(Role.USER, pair[0]), Message(Role.ASSISTANT, pair[1])]
     messages += [Message(Role.USER, user), Message(Role.ASSISTANT, response)]
-    system = _text(_optional(row, spec, "system", source), "system", source) or None
+    system = text_value(optional_column(row, spec, "system", source), "system", source) or None
     return Conversation(messages=messages, system=system)
 
 
@@ -166,7 +166,7 @@ def _alpaca(row: dict, spec: DatasetSpec, source: str) -> Conversation:
 # sharegpt / openai
 
 
-def _chat(row: dict, spec: DatasetSpec, source: str) -> Conversation:
+def parse_chat(row: dict, spec: DatasetSpec, source: str) -> Conversation:
     raw = _required(row, spec, "messages", source)
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{source}: column '{spec.column('messages')}' must be a non-empty list of messages")
@@ -178,7 +178,7 @@ def _chat(row: dict, spec: DatasetSpec, source: str) -> Conversation:
         spec.tag("function_tag"): Role.FUNCTION,
     }
     system_tag = spec.tag("system_tag")
-    system = _text(_optional(row, spec, "system", source), "system", source) or None
+    system = text_value(optional_column(row, spec, "system", source), "system", source) or None
     messages: list[Message] = []
     for pos, msg in enumerate(raw):
         if not isinstance(msg, dict) or role_tag not in msg:
@@ -188,7 +188,7 @@ def _chat(row: dict, spec: DatasetSpec, source: str) -> Conversation:
             )
         tag = msg[role_tag]
         if tag == system_tag and pos == 0:
-            system = _text(msg.get(content_tag), f"message {pos}", source) or None
+            system = text_value(msg.get(content_tag), f"message {pos}", source) or None
             continue
         if tag not in roles:
             raise DataError(
@@ -197,13 +197,13 @@ def _chat(row: dict, spec: DatasetSpec, source: str) -> Conversation:
             )
         role = roles[tag]
         if spec.formatting == "openai" and role == Role.ASSISTANT and msg.get("tool_calls"):
-            if _text(msg.get(content_tag), f"message {pos}", source).strip():
+            if text_value(msg.get(content_tag), f"message {pos}", source).strip():
                 raise DataError(f"{source}: message {pos} has both text and tool_calls; split it into two messages")
             role, content = Role.FUNCTION, _openai_calls(msg["tool_calls"], pos, source)
         else:
             if content_tag not in msg:
                 raise DataError(f"{source}: message {pos} has no '{content_tag}' key (found {sorted(msg)})")
-            content = _text(msg[content_tag], f"message {pos} content", source)
+            content = text_value(msg[content_tag], f"message {pos} content", source)
         expected = PROMPT_SIDE if len(messages) % 2 == 0 else ANSWER_SIDE
         if role not in expected:
             side = "prompt-side (user/tool)" if expected is PROMPT_SIDE else "answer-side (assistant/function)"
@@ -255,7 +255,7 @@ def _openai_calls(tool_calls: Any, pos: int, source: str) -> str:
 # tools and images
 
 
-def _tools(value: Any, source: str) -> str | None:
+def parse_tools(value: Any, source: str) -> str | None:
     """Tool schemas as a JSON string (kept as given when it is already a string)."""
     if value is None or value == "" or value == []:
         return None
@@ -268,7 +268,7 @@ def _tools(value: Any, source: str) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _images(value: Any, spec: DatasetSpec, source: str) -> list:
+def parse_images(value: Any, spec: DatasetSpec, source: str) -> list:
     """A row's images, in order: paths (a relative path is taken from dataset_dir when the file is
     there) or what the `datasets` Image feature yields ({"path", "bytes"} dicts, bytes, PIL
     images), kept as given. `megatune.data.images.to_image_ref` checks the files when encoding."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from megatune.data.conversation import Conversation, Message
-from megatune.data.converters import UNSUPPORTED_MEDIA, _alpaca, _chat, _images, _missing, _optional, _text, _tools
+from megatune.data.converters import UNSUPPORTED_MEDIA, parse_alpaca, parse_chat, parse_images, missing_column_error, optional_column, text_value, parse_tools
 from megatune.data.processors import IGNORE, Sample
 from megatune.data.registry import DataError, DatasetSpec, describe_row
 
@@ -69,7 +69,7 @@ def _require_ranking(spec: DatasetSpec, source: str) -> None:
 def _answer_value(row: dict, spec: DatasetSpec, side: str, source: str) -> Any:
     column = spec.column(side)
     if column not in row:
-        raise _missing(row, spec, side, column, source)
+        raise missing_column_error(row, spec, side, column, source)
     value = row[column]
     if value is None or value == "" or value == {} or value == []:
         raise DataError(
@@ -97,8 +97,8 @@ def to_preference_pair(row: dict, spec: DatasetSpec, source: str) -> PreferenceP
     prompt = Conversation(
         messages=chosen.messages[:-1],
         system=chosen.system,
-        tools=_tools(_optional(row, spec, "tools", source), source),
-        images=_images(_optional(row, spec, "images", source), spec, source),
+        tools=parse_tools(optional_column(row, spec, "tools", source), source),
+        images=parse_images(optional_column(row, spec, "images", source), spec, source),
         source=source,
     )
     return PreferencePair(prompt=prompt, chosen=chosen.messages[-1], rejected=convs["rejected"].messages[-1])
@@ -114,7 +114,7 @@ def _alpaca_side(row: dict, spec: DatasetSpec, side: str, value: Any, source: st
     if not value.strip():
         raise DataError(f"{source}: empty {side} answer in column '{column}'; write one or remove the row")
     # The alpaca converter reads the answer from the response column: put this side's answer there.
-    return _alpaca({**row, spec.column("response"): value}, spec, source)
+    return parse_alpaca({**row, spec.column("response"): value}, spec, source)
 
 
 def _chat_side(row: dict, spec: DatasetSpec, side: str, value: Any, source: str) -> Conversation:
@@ -138,13 +138,13 @@ def _chat_side(row: dict, spec: DatasetSpec, side: str, value: Any, source: str)
             f"{answer_tags} (an answer to the prompt)"
         )
     tool_calls = spec.formatting == "openai" and value.get("tool_calls")
-    if not tool_calls and not _text(value.get(content_tag), f"the {side} answer", source).strip():
+    if not tool_calls and not text_value(value.get(content_tag), f"the {side} answer", source).strip():
         raise DataError(f"{source}: empty {side} answer in column '{column}'; write one or remove the row")
 
     messages_column = spec.column("messages")
     raw = row.get(messages_column)
     if messages_column not in row:
-        raise _missing(row, spec, "messages", messages_column, source)
+        raise missing_column_error(row, spec, "messages", messages_column, source)
     if not isinstance(raw, list):
         raise DataError(f"{source}: column '{messages_column}' must be a list of messages (the prompt)")
     body = [m for k, m in enumerate(raw) if not (k == 0 and isinstance(m, dict) and m.get(role_tag) == spec.tag("system_tag"))]
@@ -156,7 +156,7 @@ def _chat_side(row: dict, spec: DatasetSpec, side: str, value: Any, source: str)
             f"({prompt_tags}) that the chosen and rejected answers reply to; {found}"
         )
     try:
-        return _chat({**row, messages_column: [*raw, value]}, spec, source)
+        return parse_chat({**row, messages_column: [*raw, value]}, spec, source)
     except DataError as err:  # the answer was appended as message len(raw): name it by its column
         raise DataError(re.sub(rf"\bmessage {len(raw)}\b", f"the {side} answer (column '{column}')", str(err))) from None
 

@@ -219,7 +219,7 @@ def load_rows(
     except Exception as err:  # noqa: BLE001 - re-raised with the file and line when we can find it
         if builder == "json":
             for f in files:
-                _check_json_file(spec, f)
+                check_json_file(spec, f)
         raise DataError(f"dataset '{spec.name}': could not read {', '.join(files)}: {err}") from err
     if builder == "text":  # blank lines of a text file are paragraph breaks, not documents
         rows = rows.filter(lambda t: bool(t.strip()), input_columns="text")
@@ -241,7 +241,7 @@ def _sample(rows, n: int, seed: int, streaming: bool):
     return rows.select(list(range(total)) * (n // total) + picked)
 
 
-def _check_json_file(spec: DatasetSpec, file: str) -> None:
+def check_json_file(spec: DatasetSpec, file: str) -> None:
     """Locate a parse error (file, line, row) in a json/jsonl file; returns if it finds none."""
     text = Path(file).read_text(encoding="utf-8")
     if file.endswith(".jsonl"):

@@ -258,14 +258,14 @@ def _packed(samples: Iterable[Sample], cutoff_len: int, window: int, rng: random
 def locate_json_error(specs) -> str | None:
     """registry's json checker over the specs' json/jsonl files, for a parse error that the
     streaming reader reports without file or line; files over LOCATE_LIMIT are not re-read."""
-    from megatune.data.registry import _check_json_file, data_files
+    from megatune.data.registry import check_json_file, data_files
 
     for spec in specs:
         builder, files = data_files(spec)
         for file in files if builder == "json" else []:
             if Path(file).stat().st_size <= LOCATE_LIMIT:
                 try:
-                    _check_json_file(spec, file)
+                    check_json_file(spec, file)
                 except DataError as err:
                     return str(err)
     return None

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatune.layers.fused import _compiled, accumulate_wgrad
+from megatune.layers.fused import compiled_for_cuda, accumulate_wgrad
 
 DEFAULT_CHUNK_TOKENS = 2048
 
@@ -52,7 +52,7 @@ def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, i
 
 
 def _fn(fn: Callable, x: torch.Tensor) -> Callable:
-    return _compiled(fn) if x.is_cuda else fn
+    return compiled_for_cuda(fn) if x.is_cuda else fn
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -48,14 +48,14 @@ def _rope_formula(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn: Callable) -> Callable:
+def compiled_for_cuda(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=None)
 
 
 def _pick(fn: Callable, x: torch.Tensor, compiled: bool | None) -> Callable:
     """The compiled formula on CUDA (or when asked), the eager one otherwise."""
     use = x.is_cuda if compiled is None else compiled
-    return _compiled(fn) if use else fn
+    return compiled_for_cuda(fn) if use else fn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, compiled: bool | None = None) -> torch.Tensor:

@@ -105,13 +105,7 @@ class LanguageModelStage(Stage):
 
     def forward_step(self, provider) -> Callable:
         def forward_step(data_iterator, model):
-            from megatune.distributed import device
-
-            batch: Batch = next(data_iterator)
-            dev = device()
-            labels = batch.labels.to(dev)
-            mask = labels != IGNORE
-            output = provider.forward(model, batch, dev, labels=torch.where(mask, labels, torch.zeros_like(labels)))
+            output, mask = forward_with_labels(provider, model, next(data_iterator))
             return output, lambda losses: token_loss_sums(losses, mask)
 
         return forward_step
@@ -119,6 +113,17 @@ class LanguageModelStage(Stage):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         count = sums["loss_tokens"]
         return {"loss": sums["loss_sum"] / count if count else float("nan"), "loss_tokens": count}
+
+
+def forward_with_labels(provider, model, batch: Batch):
+    """Run a micro-batch with its next-token labels: (the chunk's output — per-token
+    cross-entropy [b, s] on the last pipeline stage —, the loss mask [b, s] on this device)."""
+    from megatune.distributed import device
+
+    dev = device()
+    labels = batch.labels.to(dev)
+    mask = labels != IGNORE
+    return provider.forward(model, batch, dev, labels=torch.where(mask, labels, torch.zeros_like(labels))), mask
 
 
 def token_loss_sums(losses: torch.Tensor, mask: torch.Tensor):

@@ -29,7 +29,7 @@ import torch
 from megatune.data.collator import Batch, collate
 from megatune.data.processors import IGNORE, Sample
 from megatune.data.registry import DataError
-from megatune.stages.base import Stage
+from megatune.stages.base import Stage, forward_with_labels
 from megatune.stages.preference_loss import PreferenceConfig, preference_loss, split_pairs, validate_preference_config
 
 
@@ -146,17 +146,11 @@ class DPOStage(Stage):
             return
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megatune.distributed import device
-
         chunks = self.reference.chunks
         collected: list[torch.Tensor] = []
 
         def forward_step(data_iterator, model):
-            batch: Batch = next(data_iterator)
-            dev = device()
-            labels = batch.labels.to(dev)
-            mask = labels != IGNORE
-            output = provider.forward(model, batch, dev, labels=torch.where(mask, labels, torch.zeros_like(labels)))
+            output, mask = forward_with_labels(provider, model, next(data_iterator))
 
             def loss_func(losses):
                 collected.append(-(losses.float() * mask).sum(-1))
@@ -183,13 +177,8 @@ class DPOStage(Stage):
 
     def forward_step(self, provider) -> Callable:
         def forward_step(data_iterator, model):
-            from megatune.distributed import device
-
             batch: Batch = next(data_iterator)
-            dev = device()
-            labels = batch.labels.to(dev)
-            mask = labels != IGNORE
-            output = provider.forward(model, batch, dev, labels=torch.where(mask, labels, torch.zeros_like(labels)))
+            output, mask = forward_with_labels(provider, model, batch)
             return output, lambda losses: self.pair_loss_sums(losses, mask, batch.extras.get("reference_logps"))
 
         return forward_step
