@@ -85,22 +85,21 @@ def synced_params(model: list):
                 chunk.enable_forward_pre_hook()
 
 
-def _prepare_output_dir(config: Config) -> None:
+def _stale_output(config: Config) -> list[int]:
+    """Check output_dir before anything is written; return the old run's checkpoint steps that
+    `overwrite_output_dir: true` replaces. Nothing is deleted here: a run that fails before its
+    first save must leave the folder exactly as it was (see `Run.commit_output`)."""
     out = Path(config.training.output_dir)
     existing = ckpt.checkpoint_steps(out)
-    if existing and config.training.resume_from_checkpoint is None:
-        if not config.training.overwrite_output_dir:
-            raise ConfigError([
-                f"output_dir {out} already holds checkpoints {existing}; set resume_from_checkpoint: auto "
-                "to continue that run, or overwrite_output_dir: true to start over (deletes them)"
-            ])
-        if dist.get_rank() == 0:
-            for step in existing:
-                shutil.rmtree(out / f"checkpoint-{step}")
-            (out / "trainer_log.jsonl").unlink(missing_ok=True)
-    if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    if not existing or config.training.resume_from_checkpoint is not None:
+        return []
+    if not config.training.overwrite_output_dir:
+        raise ConfigError([
+            f"output_dir {out} already holds checkpoints {existing}; set resume_from_checkpoint: auto "
+            "to continue that run, or overwrite_output_dir: true to start over (the old checkpoints "
+            "are removed once the new run has saved its first one)"
+        ])
+    return existing
 
 
 def _build_data(config: Config, tokenizer, layout: Layout):
@@ -158,7 +157,7 @@ def train(config: Config, layout: Layout) -> int:
     t, model_dir = config.training, config.model.model_name_or_path
     stage = get_stage(t.stage)
     _check_run_keys(config)
-    _prepare_output_dir(config)
+    stale = _stale_output(config)
     resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -186,7 +185,7 @@ def train(config: Config, layout: Layout) -> int:
 
     run = Run(config, layout, stage, bundle, model, optimizer, scheduler, source, evals, state, steps,
               pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-              tokenizer_to_save=tokenizer if eos_note else None)
+              tokenizer_to_save=tokenizer if eos_note else None, stale_steps=stale)
     stop = StopFlag()
     stop.install()
     try:
@@ -198,6 +197,7 @@ def train(config: Config, layout: Layout) -> int:
         _say(f"stopped by signal {stopped} at step {state.step}; checkpoint saved. Continue with "
              f"--resume_from_checkpoint auto --output_dir {t.output_dir}")
         return 128 + stopped
+    run.commit_output()  # a run that ends without a save replaces the old run's files here
     with synced_params(model):
         export_hf(bundle, model_dir, t.output_dir, param_dtype(config))
     if dist.get_rank() == 0:
@@ -259,6 +259,8 @@ class Run:
     steps: int
     pad_id: int
     tokenizer_to_save: object = None  # saved with checkpoints when the run changed its eos
+    # overwrite_output_dir: the old run's checkpoints, removed right after this run's first save
+    stale_steps: list = field(default_factory=list)
 
     def __post_init__(self):
         c, t = self.config, self.config.training
@@ -269,7 +271,10 @@ class Run:
         moe_load = c.parallel.moe_log_load and self.bundle.config.num_moe_experts
         self.expert_load = ExpertLoad(self.bundle.chunks) if moe_load else None
         self.window = LogWindow(units_key=self.stage.sum_names[1])
-        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step) if dist.get_rank() == 0 else None
+        # A fresh run replacing an old one keeps its rows in memory until its first save, so a
+        # run that dies before then leaves the old trainer_log.jsonl as it was.
+        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step, defer=self.state.step == 0) \
+            if dist.get_rank() == 0 else None
         self.nonfinite_in_row = 0
 
     def close(self) -> None:
@@ -384,7 +389,19 @@ class Run:
                 self.config, self.config.model.model_name_or_path, t.save_total_limit,
                 tokenizer=self.tokenizer_to_save,
             )
+        self.commit_output(keep=state.step)
         _say(f"saved {path}")
+
+    def commit_output(self, keep: int | None = None) -> None:
+        """This run now owns output_dir: remove the old run's checkpoints (all but `keep`, the
+        step just saved, which replaced any old one of that number) and its log rows."""
+        if dist.get_rank() == 0:
+            for step in self.stale_steps:
+                if step != keep:
+                    shutil.rmtree(Path(self.config.training.output_dir) / f"checkpoint-{step}", ignore_errors=True)
+            if self.log is not None:
+                self.log.commit()
+        self.stale_steps = []
 
 
 def _max_over_ranks(value: float) -> float:
