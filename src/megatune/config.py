@@ -159,6 +159,7 @@ class Config:
     training: TrainingSection = field(default_factory=TrainingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     source: Optional[str] = None  # the YAML file it came from, for messages
+    notes: list = field(default_factory=list)  # start-up lines (defaults filled in, no-op keys)
 
     def to_flat_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -273,7 +274,28 @@ def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
         sections[section][key] = value
     if problems:
         raise ConfigError(problems)
-    return Config(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+    config = Config(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+    _fill_recompute_defaults(config)
+    return config
+
+
+def _fill_recompute_defaults(config: Config) -> None:
+    """`recompute_granularity: full` alone means "recompute every layer", as in mcore_adapter
+    (LLaMA-Factory's Megatron examples set only the granularity); Megatron itself insists on a
+    method and a layer count, so fill in the ones that mean exactly that."""
+    p = config.parallel
+    if p.recompute_granularity != "full":
+        return
+    filled = []
+    if p.recompute_method is None:
+        p.recompute_method = "uniform"
+        filled.append("recompute_method: uniform")
+    if p.recompute_num_layers is None:
+        p.recompute_num_layers = 1
+        filled.append("recompute_num_layers: 1")
+    if filled:
+        config.notes.append(f"recompute_granularity: full: using {', '.join(filled)} (every layer recomputed, "
+                            "as mcore_adapter does); set them to recompute fewer layers")
 
 
 def load_config(yaml_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> Config:

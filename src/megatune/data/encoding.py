@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable
 
 from megatune.data.processors import Sample
-from megatune.data.registry import DataError
+from megatune.data.registry import DataError, describe_row
 
 FIX_HINT = "fix the data or set skip_invalid: true to drop bad rows"
 
@@ -56,13 +56,18 @@ class RowEncoder:
 
     def __init__(self, stage, spec, template, tokenizer, data_config):
         self.stage, self.spec, self.template, self.tokenizer, self.data = stage, spec, template, tokenizer, data_config
+        self.located = False
 
     def __call__(self, row: dict, idx: int) -> dict:
         source = f"dataset '{self.spec.name}', file {self.spec.file_name}, row {idx}"
         try:
             return {**self.stage.encode(row, self.spec, source, self.template, self.tokenizer, self.data), "error": ""}
         except DataError as err:
-            return {**self.stage.empty_row, "error": str(err)}
+            message = str(err)
+            if not self.located:  # the first bad row also gets its jsonl line (a file scan: once)
+                self.located = True
+                message = message.replace(source, describe_row(self.spec, idx), 1)
+            return {**self.stage.empty_row, "error": message}
 
 
 def encoded_columns(stage) -> list[str]:
@@ -81,9 +86,16 @@ def interleave_probs(data_config) -> list[float] | None:
         ) from None
 
 
-def bad_rows_error(errors: list[str]) -> DataError:
-    """The error for encoded rows that failed: the first message, how many more, what to do."""
+def bad_rows_error(errors: list[str], total: int | None = None) -> DataError:
+    """The error for encoded rows that failed: the first message, how many more, what to do.
+    When every one of `total` rows failed, the dataset's description is the likely culprit, and
+    skip_invalid (which would drop everything) is not the fix."""
     more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+    if total is not None and len(errors) >= total > 1:
+        return DataError(
+            f"{errors[0]}{more}; every row failed, so the dataset's entry in dataset_info.json probably does "
+            "not describe the file: check its `formatting`, `columns` and `tags` (skip_invalid would drop every row)"
+        )
     return DataError(f"{errors[0]}{more}; {FIX_HINT}")
 
 

@@ -104,7 +104,7 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
     encoded = mix_datasets(parts, d.mix_strategy, interleave_probs(d), config.training.seed)
     errors = [e for e in encoded["error"] if e]
     if errors and not d.skip_invalid:
-        raise bad_rows_error(errors)
+        raise bad_rows_error(errors, len(encoded))
     encoded = encoded.filter(lambda e: not e, input_columns="error")
     if cache:
         if os.path.isfile(os.path.join(cache, FINGERPRINT)):

@@ -212,6 +212,14 @@ def train(config: Config, layout: Layout) -> int:
     return 0
 
 
+def nonfinite_message(step: int, result: StepResult) -> str:
+    """Which part of a skipped step was not finite: the loss itself, or (with a finite loss) the
+    gradients, e.g. after a learning rate that blew the weights up."""
+    if result.nonfinite == "loss":
+        return f"step {step}: the loss is {result.loss} (not finite)"
+    return f"step {step}: {result.nonfinite or 'gradients'} not finite (the loss, {result.loss:.4f}, is finite)"
+
+
 class LogWindow:
     """The steps since the last log row: the stage's metrics averaged with each step's unit count
     as weight (skipped steps left out), the MoE load-balancing loss, the last gradient norm."""
@@ -222,6 +230,7 @@ class LogWindow:
         self.reset()
 
     def reset(self) -> None:
+        self.last_grad_norm = None  # a window of skipped steps has none: never an older step's
         self.sums: dict[str, float] = {}
         self.weight = 0.0
         self.aux: list[float] = []
@@ -271,10 +280,10 @@ class Run:
         moe_load = c.parallel.moe_log_load and self.bundle.config.num_moe_experts
         self.expert_load = ExpertLoad(self.bundle.chunks) if moe_load else None
         self.window = LogWindow(units_key=self.stage.sum_names[1])
-        # A fresh run replacing an old one keeps its rows in memory until its first save, so a
-        # run that dies before then leaves the old trainer_log.jsonl as it was.
-        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step, defer=self.state.step == 0) \
-            if dist.get_rank() == 0 else None
+        # A fresh run replacing an old run's log keeps its rows in memory until its first save,
+        # so a run that dies before then leaves the old trainer_log.jsonl as it was.
+        defer = self.state.step == 0 and (Path(t.output_dir) / "trainer_log.jsonl").is_file()
+        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step, defer=defer) if dist.get_rank() == 0 else None
         self.nonfinite_in_row = 0
 
     def close(self) -> None:
@@ -335,12 +344,12 @@ class Run:
             return result
         state.skipped_steps += 1
         self.nonfinite_in_row += 1
-        _say(f"step {state.step}: loss {result.loss} or gradients not finite; update skipped "
-             f"({self.nonfinite_in_row} in a row)")
+        _say(f"{nonfinite_message(state.step, result)}; update skipped ({self.nonfinite_in_row} in a row)")
         if self.nonfinite_in_row >= t.max_nonfinite_steps:
             raise TrainingError(
-                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step "
-                f"{state.step}); stopping. Lower learning_rate, check the data, or raise max_nonfinite_steps"
+                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at "
+                f"{nonfinite_message(state.step, result)}); stopping. Lower learning_rate, check the data, "
+                "or raise max_nonfinite_steps"
             )
         return result
 
