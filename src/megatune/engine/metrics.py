@@ -34,9 +34,9 @@ class MetricsLog:
     """Rank 0's sink for metric rows: jsonl file (appended; resumed runs continue it),
     optional TensorBoard, and the loss history for the plot.
 
-    With `defer`, a run starting from step 0 touches no file until `commit()` (its first
-    checkpoint, or the end of training): rows wait in memory, and at the commit they replace
-    whatever log an earlier run left. A run that fails before then leaves output_dir as it was.
+    With `defer` (a run from step 0 where an earlier run left a log), no file is touched until
+    `commit()` (the first checkpoint, or the end of training): rows wait in memory, and at the
+    commit they replace the earlier log. A run that fails before then leaves it as it was.
     """
 
     def __init__(self, output_dir: str, report_to: str, resume_step: int, defer: bool = False):
@@ -74,6 +74,7 @@ class MetricsLog:
         if self.pending is not None:
             self.pending.append(row)
         else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json_line(row))
         if self.tensorboard is not None:
