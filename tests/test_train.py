@@ -254,14 +254,19 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_training(tmp_path, model_
     assert once.returncode == 0, once.stderr[-3000:]
     rows = log_rows(tmp_path / "once" / "out")
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
-    assert math.isnan(rows[1]["loss"]) and math.isfinite(rows[2]["loss"])
-    assert "step 2: loss nan or gradients not finite; update skipped" in once.stdout
+    # strict JSON: the skipped step's loss and grad norm are null, not NaN or step 1's norm
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in trainer_log.jsonl"))
+              for line in (tmp_path / "once" / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    assert strict == rows
+    assert rows[1]["loss"] is None and rows[1]["grad_norm"] is None
+    assert math.isfinite(rows[2]["loss"]) and math.isfinite(rows[2]["grad_norm"])
+    assert "step 2: the loss is nan (not finite); update skipped (1 in a row)" in once.stdout
 
     (tmp_path / "always").mkdir()
     always = _script_run(tmp_path / "always", model_dir, "BAD_UNTIL = None\n" + NAN_LOSS, max_steps=10,
                          max_nonfinite_steps=3)
     assert always.returncode == 1, always.stderr[-3000:]
-    assert "3 steps in a row had a non-finite loss or gradient (last at step 4); stopping" in always.stderr
+    assert "3 steps in a row had a non-finite loss or gradient (last at step 4: the loss is nan (not finite)); stopping" in always.stderr
 
 
 def test_sigterm_saves_at_the_step_boundary_and_exits(tmp_path, model_dir):

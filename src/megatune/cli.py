@@ -38,13 +38,27 @@ COMMAND_OPTIONS = {
 }
 
 
-def _error(lines: list[str]) -> int:
+def _error(lines: list[str], code: int = 2) -> int:
+    """Print a failure's lines (once: see `_fail` for workers) and return the exit code."""
     from megatune.distributed import rank
 
     prefix = "megatune: error: " if rank() == 0 else f"megatune: error [rank {rank()}]: "
     for line in lines:
         print(prefix + line, file=sys.stderr)
-    return 2
+    return code
+
+
+def _fail(lines: list[str], code: int) -> int:
+    """A worker's failure: under megatune's launcher, report it (the launcher prints it once)
+    unless another rank failed first, then leave at once; otherwise print it."""
+    from megatune import failures
+    from megatune.distributed import rank
+
+    if failures.failure_dir() is None:
+        return _error(lines, code)
+    if not failures.peer_failed(rank()):
+        failures.report(rank(), lines, code)
+    failures.exit_now(code)
 
 
 def _split_command_options(command: str, overrides: dict) -> dict:
@@ -75,6 +89,9 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatune.output import guard_output_streams
+
+    guard_output_streams()  # a closed pipe (`| tee` ended by Ctrl-C) must never stop a save
     _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -94,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "data":
             return _data(rest)
     except ConfigError as err:
+        from megatune.distributed import rank
+        from megatune.launch import under_launcher
+
+        if under_launcher() and rank() != 0:  # every rank found the same problem: rank 0 says it
+            return 2
         return _error(err.problems)
     print(f"megatune: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2
@@ -183,7 +205,7 @@ def _tiny_model(rest: list[str]) -> int:
 
 
 def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
-    from megatune.launch import launch_workers, under_launcher
+    from megatune.launch import CHECKED_ENV, launch_workers, under_launcher
 
     yaml_path = rest[0] if rest and not rest[0].startswith("--") else None
     overrides = parse_overrides(rest[1:] if yaml_path else rest)
@@ -197,6 +219,16 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else config.parallel.nproc_per_node
     hf = read_hf_config(config.model.model_name_or_path) if os.path.isdir(config.model.model_name_or_path) else None
     layout = validate(config, world, hf)
+    if command in ("train", "verify") and not os.environ.get(CHECKED_ENV):
+        from megatune.preflight import preflight_problems
+
+        problems = preflight_problems(config, hf) if command == "train" else []
+        if command == "verify" and hf is not None:
+            from megatune.preflight import _model_problems
+
+            problems = _model_problems(config, hf)
+        if problems:
+            raise ConfigError(problems)
     if not under_launcher() and world > 1:
         return launch_workers(world, argv)
     return _run_worker(command, config, layout, extras)
@@ -227,17 +259,21 @@ def _export_config(yaml_path, extras: dict, overrides: dict):
 
 
 def _run_worker(command, config, layout, extras) -> int:
-    from megatune.distributed import init_distributed, is_rank0, shutdown
-    from megatune.models.provider import UnsupportedModelError
+    from megatune import failures
     from megatune.data.registry import DataError
+    from megatune.distributed import init_distributed, is_rank0, rank, shutdown
     from megatune.engine.checkpoint import ResumeError
     from megatune.engine.trainer import TrainingError
     from megatune.models.hf_io import CheckpointError
+    from megatune.models.provider import UnsupportedModelError
 
-    init_distributed(layout, config.training.seed, config.training.ddp_timeout)
+    stopped = _quiet_signals()
     try:
+        init_distributed(layout, config.training.seed, config.training.ddp_timeout)
         if is_rank0():
             print(f"megatune: {layout.describe()}", flush=True)
+            for note in config.notes:
+                print(f"megatune: {note}", flush=True)
             _say_model_notes(config)
         if command == "verify":
             return _verify(config, extras)
@@ -253,15 +289,55 @@ def _run_worker(command, config, layout, extras) -> int:
                 print(f"megatune: exported {extras['checkpoint_path']} to {out}", flush=True)
             return 0
         raise AssertionError(command)
+    except _Stopped as err:  # a signal before training started: nothing to save
+        if is_rank0():
+            print(f"megatune: stopped by signal {err.signum} before training started; nothing saved", file=sys.stderr)
+        failures.exit_now(128 + err.signum)
     except ConfigError as err:
-        return _error(err.problems)
+        return _fail(err.problems, 2)
     except TrainingError as err:
-        _error([str(err)])
-        return 1
+        return _fail([str(err)], 1)
     except (UnsupportedModelError, CheckpointError, ValueError, DataError, ResumeError) as err:
-        return _error([str(err)])
+        return _fail([str(err)], 2)
+    except Exception:
+        if failures.failure_dir() is None:
+            raise
+        if failures.peer_failed(rank()):  # e.g. "connection closed": a peer failed first
+            failures.exit_now(1)
+        import traceback
+
+        text = traceback.format_exc()
+        last = text.strip().splitlines()[-1]
+        failures.report(rank(), [f"rank {rank()} failed: {last} (traceback above)"], 1, text)
+        failures.exit_now(1)
     finally:
+        stopped.restore()
         shutdown()
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _quiet_signals:
+    """Until training installs its own handler (save at the step boundary), SIGINT/SIGTERM end
+    the worker cleanly: no KeyboardInterrupt traceback, exit code 128 + signal."""
+
+    def __init__(self):
+        import signal
+
+        def stop(signum, frame):
+            raise _Stopped(signum)
+
+        self.previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _verify(config, extras) -> int:

@@ -137,6 +137,7 @@ class ParallelSection:
     persist_layer_norm: bool = True  # RMSNorm (and q/k norm): torch.compile'd
     gradient_accumulation_fusion: bool = True  # weight grads added straight into the fp32 main_grad
     cross_entropy_loss_fusion: bool = True  # chunked output-layer + cross-entropy, no full fp32 logits
+    transformer_impl: str = "local"  # layer implementation: local (torch-native, tested) or transformer_engine
     nproc_per_node: int = 1
 
 
@@ -147,14 +148,8 @@ SECTIONS = {
     "parallel": ParallelSection,
 }
 
-# Keys LLaMA-Factory accepts that make no sense on this backend: refused with the reason.
-UNSUPPORTED_KEYS = {
-    "deepspeed": "megatune shards with Megatron-core; remove it and use the *_parallel_size keys",
-    "fsdp": "megatune shards with Megatron-core; remove it and use the *_parallel_size keys",
-    "lora_rank": "only full fine-tuning is supported (finetuning_type: full)",
-    "lora_target": "only full fine-tuning is supported (finetuning_type: full)",
-    "quantization_bit": "quantized training is not supported",
-}
+# Keys of LLaMA-Factory / mcore_adapter / the HF Trainer that are not fields here (aliases, no-ops,
+# refusals with the reason) live in config_keys.py.
 
 CHOICES = {
     "stage": ("pt", "sft", "dpo"),
@@ -167,6 +162,7 @@ CHOICES = {
     "recompute_granularity": (None, "full", "selective"),
     "recompute_method": (None, "uniform", "block"),
     "eval_strategy": ("no", "steps", "epoch"),
+    "transformer_impl": ("local", "transformer_engine"),
 }
 
 
@@ -177,6 +173,7 @@ class Config:
     training: TrainingSection = field(default_factory=TrainingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     source: Optional[str] = None  # the YAML file it came from, for messages
+    notes: list = field(default_factory=list)  # start-up lines (defaults filled in, no-op keys)
 
     def to_flat_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -263,21 +260,48 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def _unknown_key_message(key: str, where: str) -> str:
-    if key in UNSUPPORTED_KEYS:
-        return f"{where}: key '{key}' is not supported: {UNSUPPORTED_KEYS[key]}"
-    close = difflib.get_close_matches(key, KEYS.keys(), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    from megatune.config_keys import ALIASES, NOOP, NOOP_VALUES, REFUSED
+
+    known = [*KEYS, *ALIASES, *NOOP, *NOOP_VALUES, *REFUSED]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    hint = f"; did you mean '{close[0]}'?" if close else " (docs/config.md lists every key megatune knows)"
     return f"{where}: unknown key '{key}'{hint}"
+
+
+def _translate_keys(values: dict[str, Any], where: dict[str, str], notes: list[str]) -> list[str]:
+    """Keys of LLaMA-Factory, mcore_adapter and the HF Trainer that are not config fields:
+    aliases are renamed in place, no-ops dropped (noted), refused keys reported."""
+    from megatune.config_keys import classify
+
+    problems, noops = [], []
+    for key in list(values):
+        status, text = classify(key, values[key], set(KEYS))
+        if status == "honoured":
+            continue
+        value = values.pop(key)
+        if status == "alias":
+            if text in values:
+                problems.append(f"{where[key]}: '{key}' and '{text}' are the same setting; keep one")
+            else:
+                values[text], where[text] = value, where[key]
+        elif status == "noop":
+            noops.append(f"{key} ({text})")
+        elif status == "refused":
+            problems.append(f"{where[key]}: key '{key}' is not supported: {text}")
+        elif status == "unknown":
+            problems.append(_unknown_key_message(key, where[key]))
+    if noops:
+        notes.append("accepted, no effect here: " + "; ".join(noops))
+    return problems
 
 
 def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
     """Type-check every key (collecting all problems) and return the Config."""
-    problems = []
+    values, where, notes = dict(values), dict(where), []
+    gc = values.pop("gradient_checkpointing", None)  # HF's switch: recompute every layer
+    problems = _translate_keys(values, where, notes)
     sections = {name: {} for name in SECTIONS}
     for key, value in values.items():
-        if key not in KEYS:
-            problems.append(_unknown_key_message(key, where[key]))
-            continue
         section, f = KEYS[key]
         try:
             value = _coerce(key, f.type, value)
@@ -291,7 +315,31 @@ def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
         sections[section][key] = value
     if problems:
         raise ConfigError(problems)
-    return Config(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+    config = Config(**{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+    config.notes.extend(notes)
+    if gc is not None and str(gc).lower() in ("true", "1", "yes") and config.parallel.recompute_granularity is None:
+        config.parallel.recompute_granularity = "full"  # same meaning: every layer's activations recomputed
+    _fill_recompute_defaults(config)
+    return config
+
+
+def _fill_recompute_defaults(config: Config) -> None:
+    """`recompute_granularity: full` alone means "recompute every layer", as in mcore_adapter
+    (LLaMA-Factory's Megatron examples set only the granularity); Megatron itself insists on a
+    method and a layer count, so fill in the ones that mean exactly that."""
+    p = config.parallel
+    if p.recompute_granularity != "full":
+        return
+    filled = []
+    if p.recompute_method is None:
+        p.recompute_method = "uniform"
+        filled.append("recompute_method: uniform")
+    if p.recompute_num_layers is None:
+        p.recompute_num_layers = 1
+        filled.append("recompute_num_layers: 1")
+    if filled:
+        config.notes.append(f"recompute_granularity: full: using {', '.join(filled)} (every layer recomputed, "
+                            "as mcore_adapter does); set them to recompute fewer layers")
 
 
 def load_config(yaml_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> Config:
@@ -406,6 +454,15 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
         problems.append("sequence_parallel: true needs tensor_model_parallel_size > 1")
     if p.virtual_pipeline_model_parallel_size is not None and pp == 1:
         problems.append("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
+    if p.transformer_impl == "transformer_engine":
+        from megatune.layers.spec import te_importable
+
+        if not te_importable():
+            problems.append("transformer_impl: transformer_engine needs Transformer Engine and a GPU, and this "
+                            "machine has no importable transformer_engine; use transformer_impl: local")
+        elif hf_config is not None and _is_moe(hf_config):
+            problems.append("transformer_impl: transformer_engine is refused for MoE models: megatune has no "
+                            "mapping for Transformer Engine's grouped expert weights; use transformer_impl: local")
     if config.training.bf16 and config.training.fp16:
         problems.append("bf16 and fp16 are both true; choose one")
     path = config.model.model_name_or_path
@@ -444,6 +501,15 @@ def _preference_problems(config: Config) -> list[str]:
     if ref is not None and not Path(ref).is_dir():
         problems.append(f"ref_model: folder {ref} does not exist (a local Hugging Face checkpoint of the same architecture)")
     return problems
+
+
+def _is_moe(hf: dict) -> bool:
+    from megatune.models import UnsupportedModelError, get_provider
+
+    try:
+        return get_provider(hf).is_moe(hf)
+    except UnsupportedModelError:
+        return False
 
 
 def _model_problems(config: Config, hf: dict) -> list[str]:

@@ -193,7 +193,10 @@ def parse_chat(row: dict, spec: DatasetSpec, source: str) -> Conversation:
         if tag not in roles:
             raise DataError(
                 f"{source}: message {pos} has role '{tag}'; expected one of {[t for t in roles if t]}"
-                + (" (a system message may only come first)" if tag == system_tag else "")
+                + (" (a system message may only come first)" if tag == system_tag else
+                   f"; if the data names its roles differently, map them in the `tags` block of "
+                   f"'{spec.name}' in dataset_info.json (user_tag, assistant_tag, observation_tag, "
+                   f"function_tag, system_tag)")
             )
         role = roles[tag]
         if spec.formatting == "openai" and role == Role.ASSISTANT and msg.get("tool_calls"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Iterable
 
 from megatune.data.processors import Sample
-from megatune.data.registry import DataError
+from megatune.data.registry import DataError, describe_row
 
 FIX_HINT = "fix the data or set skip_invalid: true to drop bad rows"
 # The `error` of a row left out on purpose (e.g. its images do not fit cutoff_len), which is
@@ -59,6 +59,7 @@ class RowEncoder:
 
     def __init__(self, stage, spec, template, tokenizer, data_config):
         self.stage, self.spec, self.template, self.tokenizer, self.data = stage, spec, template, tokenizer, data_config
+        self.located = False
 
     def __call__(self, row: dict, idx: int) -> dict:
         source = f"dataset '{self.spec.name}', file {self.spec.file_name}, row {idx}"
@@ -69,7 +70,11 @@ class RowEncoder:
         except RowDropped as err:
             return {**self.stage.empty_row, "error": DROPPED + str(err)}
         except DataError as err:
-            return {**self.stage.empty_row, "error": str(err)}
+            message = str(err)
+            if not self.located:  # the first bad row also gets its jsonl line (a file scan: once)
+                self.located = True
+                message = message.replace(source, describe_row(self.spec, idx), 1)
+            return {**self.stage.empty_row, "error": message}
 
 
 def encoded_columns(stage) -> list[str]:
@@ -88,23 +93,30 @@ def interleave_probs(data_config) -> list[float] | None:
         ) from None
 
 
-def check_errors(errors: list[str], skip_invalid: bool) -> int:
-    """The encoded rows' non-empty `error`s: raise for bad rows unless skip_invalid; warn once
-    about rows dropped on purpose. Returns how many rows are left out."""
+def check_errors(errors: list[str], skip_invalid: bool, total: int | None = None) -> int:
+    """The encoded rows' non-empty `error`s (of `total` rows): raise for bad rows unless
+    skip_invalid; warn once about rows dropped on purpose. Returns how many rows are left out."""
     import logging
 
     bad = [e for e in errors if not e.startswith(DROPPED)]
     dropped = [e[len(DROPPED):] for e in errors if e.startswith(DROPPED)]
     if bad and not skip_invalid:
-        raise bad_rows_error(bad)
+        raise bad_rows_error(bad, total)
     if dropped:
         logging.getLogger(__name__).warning("%d row(s) left out; first: %s", len(dropped), dropped[0])
     return len(errors)
 
 
-def bad_rows_error(errors: list[str]) -> DataError:
-    """The error for encoded rows that failed: the first message, how many more, what to do."""
+def bad_rows_error(errors: list[str], total: int | None = None) -> DataError:
+    """The error for encoded rows that failed: the first message, how many more, what to do.
+    When every one of `total` rows failed, the dataset's description is the likely culprit, and
+    skip_invalid (which would drop everything) is not the fix."""
     more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+    if total is not None and len(errors) >= total > 1:
+        return DataError(
+            f"{errors[0]}{more}; every row failed, so the dataset's entry in dataset_info.json probably does "
+            "not describe the file: check its `formatting`, `columns` and `tags` (skip_invalid would drop every row)"
+        )
     return DataError(f"{errors[0]}{more}; {FIX_HINT}")
 
 

@@ -107,7 +107,7 @@ def load_encoded(config: Config, tokenizer, dataset_names: str | None = None):
             rows = rows.select(range(min(d.max_samples, len(rows))))
         parts.append(encode_dataset(spec, rows, template, tokenizer, config))
     encoded = mix_datasets(parts, d.mix_strategy, interleave_probs(d), config.training.seed)
-    left_out = check_errors([e for e in encoded["error"] if e], d.skip_invalid)
+    left_out = check_errors([e for e in encoded["error"] if e], d.skip_invalid, len(encoded))
     encoded = encoded.filter(lambda e: not e, input_columns="error")
     if cache:
         if os.path.isfile(os.path.join(cache, FINGERPRINT)):

@@ -32,11 +32,18 @@ def peak_memory_gb() -> float:
 
 class MetricsLog:
     """Rank 0's sink for metric rows: jsonl file (appended; resumed runs continue it),
-    optional TensorBoard, and the loss history for the plot."""
+    optional TensorBoard, and the loss history for the plot.
 
-    def __init__(self, output_dir: str, report_to: str, resume_step: int):
+    With `defer` (a run from step 0 where an earlier run left a log), no file is touched until
+    `commit()` (the first checkpoint, or the end of training): rows wait in memory, and at the
+    commit they replace the earlier log. A run that fails before then leaves it as it was.
+    """
+
+    def __init__(self, output_dir: str, report_to: str, resume_step: int, defer: bool = False):
         self.path = Path(output_dir) / "trainer_log.jsonl"
-        self._drop_rows_after(resume_step)
+        self.pending: list[dict] | None = [] if defer else None
+        if not defer:
+            self._drop_rows_after(resume_step)
         self.tensorboard = None
         if "tensorboard" in report_to:
             try:
@@ -55,9 +62,21 @@ class MetricsLog:
         kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
         self.path.write_text("".join(r + "\n" for r in kept))
 
+    def commit(self) -> None:
+        """Replace an earlier run's log with this run's rows so far; later rows are appended."""
+        if self.pending is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json_line(r) for r in self.pending))
+        self.pending = None
+
     def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.pending is not None:
+            self.pending.append(row)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json_line(row))
         if self.tensorboard is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
@@ -65,6 +84,8 @@ class MetricsLog:
             self.tensorboard.flush()
 
     def rows(self) -> list[dict]:
+        if self.pending is not None:
+            return list(self.pending)
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -72,6 +93,22 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def json_line(row: dict) -> str:
+    """One strict-JSON line: NaN and infinities (a skipped step's loss) become null, which every
+    JSON reader accepts (Python's default writes bare NaN, which strict readers reject)."""
+    return json.dumps(_finite_or_none(row), allow_nan=False) + "\n"
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def format_row(row: dict) -> str:

@@ -85,22 +85,21 @@ def synced_params(model: list):
                 chunk.enable_forward_pre_hook()
 
 
-def _prepare_output_dir(config: Config) -> None:
+def _stale_output(config: Config) -> list[int]:
+    """Check output_dir before anything is written; return the old run's checkpoint steps that
+    `overwrite_output_dir: true` replaces. Nothing is deleted here: a run that fails before its
+    first save must leave the folder exactly as it was (see `Run.commit_output`)."""
     out = Path(config.training.output_dir)
     existing = ckpt.checkpoint_steps(out)
-    if existing and config.training.resume_from_checkpoint is None:
-        if not config.training.overwrite_output_dir:
-            raise ConfigError([
-                f"output_dir {out} already holds checkpoints {existing}; set resume_from_checkpoint: auto "
-                "to continue that run, or overwrite_output_dir: true to start over (deletes them)"
-            ])
-        if dist.get_rank() == 0:
-            for step in existing:
-                shutil.rmtree(out / f"checkpoint-{step}")
-            (out / "trainer_log.jsonl").unlink(missing_ok=True)
-    if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    if not existing or config.training.resume_from_checkpoint is not None:
+        return []
+    if not config.training.overwrite_output_dir:
+        raise ConfigError([
+            f"output_dir {out} already holds checkpoints {existing}; set resume_from_checkpoint: auto "
+            "to continue that run, or overwrite_output_dir: true to start over (the old checkpoints "
+            "are removed once the new run has saved its first one)"
+        ])
+    return existing
 
 
 def _build_data(config: Config, tokenizer, layout: Layout):
@@ -158,7 +157,7 @@ def train(config: Config, layout: Layout) -> int:
     t, model_dir = config.training, config.model.model_name_or_path
     stage = get_stage(config)
     _check_run_keys(config)
-    _prepare_output_dir(config)
+    stale = _stale_output(config)
     resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -190,7 +189,7 @@ def train(config: Config, layout: Layout) -> int:
 
     run = Run(config, layout, stage, bundle, model, optimizer, scheduler, source, evals, state, steps,
               pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-              tokenizer_to_save=tokenizer if eos_note else None)
+              tokenizer_to_save=tokenizer if eos_note else None, stale_steps=stale)
     stop = StopFlag()
     stop.install()
     try:
@@ -202,6 +201,7 @@ def train(config: Config, layout: Layout) -> int:
         _say(f"stopped by signal {stopped} at step {state.step}; checkpoint saved. Continue with "
              f"--resume_from_checkpoint auto --output_dir {t.output_dir}")
         return 128 + stopped
+    run.commit_output()  # a run that ends without a save replaces the old run's files here
     with synced_params(model):
         export_hf(bundle, model_dir, t.output_dir, param_dtype(config))
     if dist.get_rank() == 0:
@@ -216,6 +216,14 @@ def train(config: Config, layout: Layout) -> int:
     return 0
 
 
+def nonfinite_message(step: int, result: StepResult) -> str:
+    """Which part of a skipped step was not finite: the loss itself, or (with a finite loss) the
+    gradients, e.g. after a learning rate that blew the weights up."""
+    if result.nonfinite == "loss":
+        return f"step {step}: the loss is {result.loss} (not finite)"
+    return f"step {step}: {result.nonfinite or 'gradients'} not finite (the loss, {result.loss:.4f}, is finite)"
+
+
 class LogWindow:
     """The steps since the last log row: the stage's metrics averaged with each step's unit count
     as weight (skipped steps left out), the MoE load-balancing loss, the last gradient norm."""
@@ -226,6 +234,7 @@ class LogWindow:
         self.reset()
 
     def reset(self) -> None:
+        self.last_grad_norm = None  # a window of skipped steps has none: never an older step's
         self.sums: dict[str, float] = {}
         self.weight = 0.0
         self.aux: list[float] = []
@@ -263,6 +272,8 @@ class Run:
     steps: int
     pad_id: int
     tokenizer_to_save: object = None  # saved with checkpoints when the run changed its eos
+    # overwrite_output_dir: the old run's checkpoints, removed right after this run's first save
+    stale_steps: list = field(default_factory=list)
 
     def __post_init__(self):
         c, t = self.config, self.config.training
@@ -273,7 +284,10 @@ class Run:
         moe_load = c.parallel.moe_log_load and self.bundle.config.num_moe_experts
         self.expert_load = ExpertLoad(self.bundle.chunks) if moe_load else None
         self.window = LogWindow(units_key=self.stage.sum_names[1])
-        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step) if dist.get_rank() == 0 else None
+        # A fresh run replacing an old run's log keeps its rows in memory until its first save,
+        # so a run that dies before then leaves the old trainer_log.jsonl as it was.
+        defer = self.state.step == 0 and (Path(t.output_dir) / "trainer_log.jsonl").is_file()
+        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step, defer=defer) if dist.get_rank() == 0 else None
         self.nonfinite_in_row = 0
 
     def close(self) -> None:
@@ -335,12 +349,12 @@ class Run:
             return result
         state.skipped_steps += 1
         self.nonfinite_in_row += 1
-        _say(f"step {state.step}: loss {result.loss} or gradients not finite; update skipped "
-             f"({self.nonfinite_in_row} in a row)")
+        _say(f"{nonfinite_message(state.step, result)}; update skipped ({self.nonfinite_in_row} in a row)")
         if self.nonfinite_in_row >= t.max_nonfinite_steps:
             raise TrainingError(
-                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step "
-                f"{state.step}); stopping. Lower learning_rate, check the data, or raise max_nonfinite_steps"
+                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at "
+                f"{nonfinite_message(state.step, result)}); stopping. Lower learning_rate, check the data, "
+                "or raise max_nonfinite_steps"
             )
         return result
 
@@ -389,7 +403,19 @@ class Run:
                 self.config, self.config.model.model_name_or_path, t.save_total_limit,
                 tokenizer=self.tokenizer_to_save,
             )
+        self.commit_output(keep=state.step)
         _say(f"saved {path}")
+
+    def commit_output(self, keep: int | None = None) -> None:
+        """This run now owns output_dir: remove the old run's checkpoints (all but `keep`, the
+        step just saved, which replaced any old one of that number) and its log rows."""
+        if dist.get_rank() == 0:
+            for step in self.stale_steps:
+                if step != keep:
+                    shutil.rmtree(Path(self.config.training.output_dir) / f"checkpoint-{step}", ignore_errors=True)
+            if self.log is not None:
+                self.log.commit()
+        self.stale_steps = []
 
 
 def _max_over_ranks(value: float) -> float:

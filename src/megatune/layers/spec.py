@@ -40,8 +40,21 @@ class Backend:
     moe_experts: str
 
 
-def te_usable() -> bool:
+_IMPL = {"name": "local"}  # set from the run's `transformer_impl` by models/build.py
+
+
+def set_transformer_impl(name: str) -> None:
+    """`transformer_impl`: "local" (torch-native layers, the tested path) or "transformer_engine"."""
+    _IMPL["name"] = name
+
+
+def te_importable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def te_usable() -> bool:
+    """Transformer Engine layers: only when the run asks for them (transformer_impl) and TE is there."""
+    return _IMPL["name"] == "transformer_engine" and te_importable()
 
 
 def choose_backend() -> Backend:

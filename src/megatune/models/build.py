@@ -105,6 +105,9 @@ def transformer_config(config: Config, hf: dict, provider: ModelProvider) -> Tra
 def build_model(config: Config, model_dir: str) -> ModelBundle:
     """Read `model_dir/config.json`, build this rank's chunks (random-free: weights come from
     `models/weights.py:load_hf_weights` or a checkpoint). Raises UnsupportedModelError."""
+    from megatune.layers.spec import set_transformer_impl
+
+    set_transformer_impl(config.parallel.transformer_impl)
     hf_config, hf = load_hf_config(model_dir)
     provider = get_provider(hf, f"{model_dir}/config.json")
     tc = transformer_config(config, hf, provider)
