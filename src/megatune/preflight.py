@@ -31,7 +31,10 @@ def _data_problems(config: Config) -> list[str]:
     from megatune.data.registry import DataError, data_files, resolve_datasets
     from megatune.data.templates import get_template
 
+    from megatune.stages import STAGES
+
     d = config.data
+    stage = STAGES[config.training.stage]()  # only its column needs: nothing is loaded
     problems = []
     if config.training.stage != "pt" or d.template:
         try:
@@ -57,7 +60,7 @@ def _data_problems(config: Config) -> list[str]:
                 continue
             first = _first_json_row(files[0]) if builder == "json" else None
             if first is not None:
-                problems += _column_problems(spec, first, files[0], config.training.stage)
+                problems += _column_problems(spec, first, files[0], stage)
     return problems
 
 
@@ -80,14 +83,10 @@ def _first_json_row(file: str, max_bytes: int = 64 << 20) -> dict | None:
         return None
 
 
-def _column_problems(spec, row: dict, file: str, stage: str) -> list[str]:
-    """Columns the format needs, and columns dataset_info.json names explicitly, must exist."""
-    if stage == "pt":
-        needed = ["prompt"]
-    elif spec.formatting == "alpaca":
-        needed = ["prompt", "response"]
-    else:
-        needed = ["messages"]
+def _column_problems(spec, row: dict, file: str, stage) -> list[str]:
+    """Columns the stage needs in this format, and columns dataset_info.json names explicitly,
+    must exist."""
+    needed = stage.required_columns(spec)
     needed += [k for k in spec.columns if k not in needed]
     problems = []
     for key in needed:

@@ -41,6 +41,10 @@ class Stage(ABC):
         """What besides the data keys this stage's encoding depends on (for tokenized_path)."""
         return {}
 
+    def required_columns(self, spec) -> list[str]:
+        """The dataset_info.json column keys a row of `spec`'s dataset must have (launcher check)."""
+        return ["prompt", "response"] if spec.formatting == "alpaca" else ["messages"]
+
     def prepare_tokenizer(self, config, tokenizer) -> str | None:
         """Adjust the tokenizer for this run before encoding (returns a note when it changed)."""
         return None

@@ -101,6 +101,9 @@ class DPOStage(Stage):
             "truncated": chosen.truncated,
         }
 
+    def required_columns(self, spec) -> list[str]:
+        return ["prompt" if spec.formatting == "alpaca" else "messages", "chosen", "rejected"]
+
     def to_sample(self, encoded: dict) -> PairSample:
         truncated = bool(encoded["truncated"])
         return PairSample(

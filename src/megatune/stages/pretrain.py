@@ -14,6 +14,9 @@ from megatune.stages.base import LanguageModelStage
 class PretrainStage(LanguageModelStage):
     name = "pt"
 
+    def required_columns(self, spec) -> list[str]:
+        return ["prompt"]
+
     def encode(self, row, spec, source, template, tokenizer, data_config) -> dict:
         from megatune.data.converters import to_conversation
 
