@@ -80,12 +80,15 @@ def run_schedule(stage, provider, model: list, batches: list[Batch], forward_onl
     totals = torch.zeros(len(stage.sum_names), dtype=torch.float64, device=device())
     for item in out:  # only the last pipeline stage gets outputs
         totals += item["sums"].to(totals)
-    # Sum over data-parallel ranks, then share the last stage's numbers with every stage.
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+    # Sum over data-parallel ranks, then share the last stage's numbers with every rank: one rank
+    # keeps them, the others zero theirs, and a sum over all ranks hands them out (sums may be
+    # negative, e.g. DPO's rewards, so a max would not do).
+    last = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    if last:
         dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
-    else:
+    if not (last and ps.get_data_parallel_rank(with_context_parallel=True) == 0):
         totals.zero_()
-    dist.all_reduce(totals, op=dist.ReduceOp.MAX)
+    dist.all_reduce(totals)
     return dict(zip(stage.sum_names, totals.tolist()))
 
 
