@@ -165,3 +165,26 @@ def test_moe_policy_with_expert_parallelism(tmp_path):
     reference = make_tiny_model("qwen3_moe", str(tmp_path / "reference"), seed=4, with_tokenizer=True)
     check_step(tmp_path, (policy, reference), dict(nproc_per_node=2, expert_model_parallel_size=2),
                moe_aux_loss_coeff=0.0)
+
+
+def test_resume_reshards_and_continues_exactly(tmp_path, models):
+    """A DPO checkpoint (1 process) resumed under TP=2: steps 3-4 repeat the straight run's loss
+    and rewards (the reference model is reloaded from its folder, not from the checkpoint)."""
+    import shutil
+
+    policy, reference = models
+    keys = {**DPO, "learning_rate": 1e-3, "max_steps": 4, "save_steps": 2, "ref_model": reference}
+    (tmp_path / "straight").mkdir()
+    config, _ = write_config(tmp_path / "straight", policy, **keys)
+    train(config)
+    straight = log_rows(tmp_path / "straight" / "out")
+    (tmp_path / "resumed" / "out").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "out" / "checkpoint-2", tmp_path / "resumed" / "out" / "checkpoint-2")
+    config, _ = write_config(tmp_path / "resumed", policy, **keys, nproc_per_node=2, tensor_model_parallel_size=2,
+                             resume_from_checkpoint="auto")
+    train(config)
+    resumed = log_rows(tmp_path / "resumed" / "out")
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
