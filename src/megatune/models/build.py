@@ -65,6 +65,10 @@ def transformer_config(config: Config, hf: dict, provider: ModelProvider) -> Tra
     p = config.parallel
     dtype = param_dtype(config)
     on_gpu = torch.cuda.is_available()
+    if on_gpu:  # Megatron refuses the fusion flags unless their kernels are installed (launcher checks too)
+        from megatune.layers.fused import enable_fast_path
+
+        enable_fast_path()
     return TransformerConfig(
         **provider.transformer_kwargs(hf, config),
         tensor_model_parallel_size=p.tensor_model_parallel_size,
