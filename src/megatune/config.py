@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -383,13 +384,15 @@ class Layout:
     num_micro_batches: int
     global_batch_size: int
 
-    def describe(self) -> str:
-        return (
-            f"world={self.world_size} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} "
-            f"etp={self.etp} -> data-parallel size {self.dp}; global batch = "
-            f"{self.micro_batch_size} (micro) x {self.num_micro_batches} (grad accum) x "
-            f"{self.dp} (dp) = {self.global_batch_size} sequences per step"
-        )
+    def describe(self, with_batch: bool = True) -> str:
+        """The layout line printed at start; `with_batch` adds the global-batch arithmetic
+        (training only: export and verify have no batch)."""
+        line = (f"world={self.world_size} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} "
+                f"etp={self.etp} -> data-parallel size {self.dp}")
+        if not with_batch:
+            return line
+        return (f"{line}; global batch = {self.micro_batch_size} (micro) x {self.num_micro_batches} "
+                f"(grad accum) x {self.dp} (dp) = {self.global_batch_size} sequences per step")
 
 
 def derive_layout(config: Config, world_size: int) -> Layout:
@@ -444,11 +447,13 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
         problems.append(
             f"world size {world_size} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size x context_parallel_size = {tp}x{pp}x{cp} = {tp * pp * cp}"
+            + _nproc_hint(world_size, tp * pp * cp)
         )
     elif world_size % (ep * etp * pp):
         problems.append(
             f"world size {world_size} is not divisible by expert_model_parallel_size x "
             f"expert_tensor_parallel_size x pipeline_model_parallel_size = {ep}x{etp}x{pp}"
+            + _nproc_hint(world_size, math.lcm(tp * pp * cp, ep * etp * pp))
         )
     if p.sequence_parallel and tp == 1:
         problems.append("sequence_parallel: true needs tensor_model_parallel_size > 1")
@@ -482,6 +487,15 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
     if problems:
         raise ConfigError(problems)
     return layout
+
+
+def _nproc_hint(world_size: int, unit: int) -> str:
+    """What to start instead: the nearest multiple of `unit` processes at or above the world
+    size (on one machine, `--nproc_per_node`; under torchrun, its own process count)."""
+    suggested = max(unit, -(-world_size // unit) * unit)
+    if "WORLD_SIZE" in os.environ:
+        return f"; start a multiple of {unit} processes (e.g. torchrun --nproc_per_node {suggested})"
+    return f"; start {suggested} processes with --nproc_per_node {suggested}"
 
 
 def _preference_problems(config: Config) -> list[str]:
