@@ -321,6 +321,10 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
         from megatune.preflight import preflight_problems
 
         problems = preflight_problems(config, hf) if command == "train" else []
+        if command == "train":
+            from megatune.engine.tracking import report_problems
+
+            problems += report_problems(config.training.report_to)
         if command == "verify" and hf is not None:
             from megatune.preflight import _model_problems
 

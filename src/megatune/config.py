@@ -92,7 +92,10 @@ class TrainingSection:
     fp16: bool = False
     seed: int = 42
     resume_from_checkpoint: Optional[str] = None
-    report_to: str = "none"
+    report_to: str = "none"  # none, all, or a list of: tensorboard, wandb, swanlab
+    run_name: Optional[str] = None  # the run's name in wandb / swanlab
+    swanlab_project: Optional[str] = None  # SwanLab project (report_to: swanlab); default megatune
+    swanlab_mode: Optional[str] = None  # SwanLab mode (cloud, local, offline, disabled); default SwanLab's
     plot_loss: bool = False
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss/grad
     ddp_timeout: int = 1800
@@ -300,6 +303,7 @@ def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
     """Type-check every key (collecting all problems) and return the Config."""
     values, where, notes = dict(values), dict(where), []
     gc = values.pop("gradient_checkpointing", None)  # HF's switch: recompute every layer
+    use_swanlab = values.pop("use_swanlab", None)  # LLaMA-Factory's switch: report to SwanLab too
     problems = _translate_keys(values, where, notes)
     sections = {name: {} for name in SECTIONS}
     for key, value in values.items():
@@ -321,6 +325,9 @@ def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
     if gc is not None and str(gc).lower() in ("true", "1", "yes") and config.parallel.recompute_granularity is None:
         config.parallel.recompute_granularity = "full"  # same meaning: every layer's activations recomputed
     _fill_recompute_defaults(config)
+    if use_swanlab is not None and str(use_swanlab).lower() in ("true", "1", "yes"):
+        names = [n.strip() for n in config.training.report_to.split(",") if n.strip() not in ("", "none")]
+        config.training.report_to = ",".join(names + ([] if "swanlab" in names else ["swanlab"]))
     return config
 
 

@@ -111,6 +111,13 @@ use_liger_kernel warmup_steps weight_decay
 ALIASES = {
     "moe_aux_loss_coef": "moe_aux_loss_coeff",  # LLaMA-Factory's name (the router's balancing-loss coefficient)
     "micro_batch_size": "per_device_train_batch_size",  # mcore_adapter's name
+    "swanlab_run_name": "run_name",  # LLaMA-Factory's name for the SwanLab experiment's name
+}
+
+# Switches that set other keys (config.build_config applies them): key -> meaning.
+SWITCHES = {
+    "use_swanlab": "true adds swanlab to report_to (LLaMA-Factory's switch)",
+    "gradient_checkpointing": "true means recompute_granularity: full (every layer recomputed)",
 }
 
 _PERF = "a speed/memory option megatune does not implement; results are the same without it"
@@ -158,7 +165,6 @@ NOOP = {
     "dataloader_pin_memory": "samples are prepared by the trainer itself",
     "dataloader_persistent_workers": "samples are prepared by the trainer itself",
     "dataloader_prefetch_factor": "samples are prepared by the trainer itself",
-    "run_name": "no experiment tracker uses it (report_to: none or tensorboard)",
     "torch_compile": _PERF, "torch_compile_backend": _PERF, "torch_compile_mode": _PERF,
     "gradient_checkpointing_kwargs": "recompute is Megatron's, set with recompute_* keys",
     "ddp_find_unused_parameters": "Megatron's DDP needs no unused-parameter search",
@@ -244,9 +250,9 @@ REFUSED = {
                            "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
                            "badam_mask_mode", "badam_verbose", "use_adam_mini", "use_muon", "adafactor",
                            "optimizer_cpu_offload", "optimizer_offload_fraction")},
-    **{k: "SwanLab is not supported; use report_to: tensorboard" for k in (
-        "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
-        "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
+    **{k: "not passed on: report_to: swanlab takes swanlab_project, swanlab_mode and run_name; set the rest "
+          "with `swanlab login` / SwanLab's environment variables" for k in (
+        "swanlab_workspace", "swanlab_api_key", "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     **{k: "Ray is not supported; start megatune with --nproc_per_node or torchrun" for k in (
         "ray_num_workers", "ray_init_kwargs", "master_addr", "master_port")},
     **{k: "the torch profiler is not wired in; profile with an external tool" for k in (
@@ -315,7 +321,7 @@ def hf_trainer_keys() -> set[str]:
 def classify(key: str, value, honoured: set[str]) -> tuple[str, str]:
     """(status, text) for one YAML key and value: status is "honoured", "alias", "noop",
     "off" (a refused key at its off value: accepted silently), "refused" or "unknown"."""
-    if key in honoured:
+    if key in honoured or key in SWITCHES:
         return "honoured", ""
     if key in ALIASES:
         return "alias", ALIASES[key]
@@ -346,6 +352,8 @@ def key_table(honoured: dict[str, str]) -> list[tuple[str, str, str]]:
     rows = {key: (key, "honoured", meaning) for key, meaning in honoured.items()}
     for alias, key in ALIASES.items():
         rows[alias] = (alias, "honoured", f"same as `{key}`")
+    for key, meaning in SWITCHES.items():
+        rows[key] = (key, "honoured", meaning)
     for key, reason in NOOP.items():
         rows.setdefault(key, (key, "no-op", reason))
     for key, (accepted, fix) in NOOP_VALUES.items():
