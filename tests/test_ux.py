@@ -325,13 +325,15 @@ def test_wandb_offline_run_logs_the_rows(finished_run):
     if not has_wandb:
         pytest.skip("wandb is not installed")
     rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    (run_dir,) = (out / "wandb").glob("offline-run-*")
-    summary = json.loads((run_dir / "files" / "wandb-summary.json").read_text())
-    assert summary["train/loss"] == pytest.approx(rows[-1]["loss"], rel=1e-12)
-    assert summary["eval/loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-12)
-    assert summary["_step"] == 4
-    config = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
-    assert config["run_name"]["value"] == "ux-run"
+    (record,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    # wandb >= 0.2x has no Python reader for its record file (its core is in Go); the records are
+    # uncompressed protobuf holding each logged value as JSON text, so look for exactly those
+    data = record.read_bytes()
+    assert b"ux-run" in data  # the run's name
+    for row in rows:
+        assert b"train/loss" in data and json.dumps(row["loss"]).encode() in data, row["step"]
+        assert json.dumps(row["grad_norm"]).encode() in data, row["step"]
+    assert b"eval/loss" in data and json.dumps(rows[-1]["eval_loss"]).encode() in data
 
 
 def test_env_lists_what_a_bug_report_needs():

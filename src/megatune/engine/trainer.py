@@ -351,8 +351,9 @@ class Run:
                 if self.eval_every and self.due(self.eval_every):
                     row = {**(row or {"step": self.state.step, "total_steps": self.steps}), **self.evaluate()}
                 if row is not None and self.log is not None:
-                    row.update(llamafactory_fields(self.state.step, self.steps, self.rate.elapsed(),
-                                                   self.rate.remaining(self.state.step, self.steps)))
+                    elapsed = row.setdefault("elapsed_s", self.rate.elapsed())  # eval-only rows get them here
+                    remaining = row.setdefault("remaining_s", self.rate.remaining(self.state.step, self.steps))
+                    row.update(llamafactory_fields(self.state.step, self.steps, elapsed, remaining))
                     self.log.write(row)
                     self.say(format_row(row, on_gpu=self.on_gpu, with_time=progress is None))
                 stopping = stop.agreed()
@@ -494,6 +495,8 @@ def _progress(done: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    # disable=None: a live bar in a terminal, none in log files (the metric lines carry the news)
-    return tqdm(total=total, initial=done, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
+    # disable=None: a live bar in a terminal, none in log files (the metric lines carry the news,
+    # with elapsed and remaining time); without a terminal there is no bar object at all
+    bar = tqdm(total=total, initial=done, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
+    return None if bar.disable else bar
 
