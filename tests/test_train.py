@@ -290,7 +290,6 @@ def test_refusals(tmp_path, model_dir):
     cases = {
         "stage: kto": (dict(stage="kto"), "stage='kto' is not supported; choose one of: pt, sft, dpo"),
         "lora": (dict(finetuning_type="lora"), "finetuning_type='lora' is not supported; choose one of: full"),
-        "warmup": (dict(max_steps=4, warmup_steps=4), "warmup (4 steps) must be shorter than training (4 steps)"),
         "min_lr": (dict(max_steps=4, min_lr=1.0), "min_lr=1.0 is above learning_rate=0.001"),
         "do_train": (dict(do_train=False), "do_train: false"),
     }

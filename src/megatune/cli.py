@@ -13,6 +13,8 @@ import sys
 from megatune.config import ConfigError, load_config, parse_overrides, read_hf_config, validate
 
 USAGE = """usage: megatune <command> [CONFIG.yaml] [--key value ...]
+       megatune <command> --help      the command's arguments
+       megatune --version
 
 commands:
   train        fine-tune (stage: sft or pt) from a LLaMA-Factory-style YAML; checkpoints into
@@ -30,6 +32,75 @@ commands:
                --model_type llama|qwen2|qwen3|qwen3_moe|qwen2_moe|mixtral|qwen2_vl|qwen2_5_vl --output_dir DIR
 """
 
+_CONFIG_ARGS = """  CONFIG.yaml           optional LLaMA-Factory-style YAML file (one flat namespace of keys)
+  --key value           any config key, overriding the YAML (--key=value and a bare --flag for
+                        true also work); every key megatune knows, with its status, is in
+                        docs/config.md
+  --nproc_per_node N    start N local processes (under torchrun: join its job instead)
+  -h, --help            this help"""
+
+# `megatune <command> --help`: what each command takes.
+COMMAND_HELP = {
+    "train": f"""usage: megatune train [CONFIG.yaml] [--key value ...]
+
+Full-parameter fine-tuning (stage: sft, pt or dpo). Checkpoints go to output_dir/checkpoint-N, a
+Hugging Face checkpoint to output_dir at the end, metrics to output_dir/trainer_log.jsonl.
+
+arguments:
+{_CONFIG_ARGS}
+
+keys most runs set: model_name_or_path, stage, dataset, dataset_dir, template, cutoff_len,
+  output_dir, per_device_train_batch_size, gradient_accumulation_steps, learning_rate,
+  num_train_epochs or max_steps, logging_steps, save_steps, bf16, report_to, run_name,
+  tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel,
+  resume_from_checkpoint (a checkpoint-N folder, or auto)
+every config key (LLaMA-Factory's, Megatron's, the HF Trainer's; honoured, no-op or refused):
+  docs/config.md; what a run writes and prints: docs/train.md""",
+    "verify": f"""usage: megatune verify [CONFIG.yaml] --model_name_or_path DIR [--key value ...]
+
+Load an HF checkpoint into Megatron with the given layout and compare its logits with
+transformers' on fixed tokens; prints max_abs_diff / mean_abs_diff; exit code 1 above tolerance.
+
+arguments:
+{_CONFIG_ARGS}
+  --tolerance X         pass/fail threshold on max_abs_diff (default: 1e-4 fp32, 0.25 bf16)
+  --export_path DIR     also export the loaded model back to HF format there (a round-trip check)
+
+layout keys: tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel,
+  expert_model_parallel_size, bf16 (docs/verify.md)""",
+    "export": """usage: megatune export --checkpoint_path DIR --output_path DIR [--dtype bfloat16|float16|float32]
+                       [--nproc_per_node N --tensor_model_parallel_size T --pipeline_model_parallel_size P]
+
+Convert a training checkpoint (output_dir/checkpoint-N) to a Hugging Face checkpoint. The
+export layout need not match the training layout.
+
+arguments:
+  --checkpoint_path DIR   a checkpoint-N folder of a megatune run
+  --output_path DIR       where the Hugging Face files go
+  --dtype NAME            bfloat16, float16 or float32 (default: the training precision)
+  --nproc_per_node N, --tensor_model_parallel_size T, --pipeline_model_parallel_size P
+                          the layout used to load it (default: one process)
+  -h, --help              this help""",
+    "data": f"""usage: megatune data CONFIG.yaml --output FILE.jsonl [--max_samples N] [--key value ...]
+
+Run the data pipeline with only the tokenizer and write the processed samples (input_ids,
+labels; doc_lens when packing) as JSON lines; prints the statistics and the first sample with
+the learned tokens highlighted (docs/data.md).
+
+arguments:
+{_CONFIG_ARGS.replace(chr(10) + "  --nproc_per_node N    start N local processes (under torchrun: join its job instead)", "")}
+  --output FILE.jsonl   where the samples go (required)""",
+    "env": """usage: megatune env
+
+Print what a bug report needs: versions of megatune, Python, torch (and its CUDA), megatron-core,
+transformers, datasets, Transformer Engine; which optional pieces are installed (matplotlib,
+tensorboard, wandb, swanlab, pillow, liger-kernel, the GPU fast path); the devices (GPU model and
+count) and which kernels megatune will use.
+
+arguments:
+  -h, --help            this help""",
+}
+
 # Options that belong to one command rather than to the run configuration.
 COMMAND_OPTIONS = {
     "verify": {"tolerance": float, "export_path": str},
@@ -38,11 +109,19 @@ COMMAND_OPTIONS = {
 }
 
 
+def _rank() -> int:
+    """This process's rank, without importing torch when it is not loaded yet (a config typo
+    must fail fast: importing torch alone takes seconds)."""
+    if "torch.distributed" in sys.modules:
+        from megatune.distributed import rank
+
+        return rank()
+    return int(os.environ.get("RANK", 0))
+
+
 def _error(lines: list[str], code: int = 2) -> int:
     """Print a failure's lines (once: see `_fail` for workers) and return the exit code."""
-    from megatune.distributed import rank
-
-    prefix = "megatune: error: " if rank() == 0 else f"megatune: error [rank {rank()}]: "
+    prefix = "megatune: error: " if _rank() == 0 else f"megatune: error [rank {_rank()}]: "
     for line in lines:
         print(prefix + line, file=sys.stderr)
     return code
@@ -73,7 +152,8 @@ def _split_command_options(command: str, overrides: dict) -> dict:
 
 
 def _quiet_known_warnings() -> None:
-    """Megatron warns at import that TE/Apex are missing; `megatune env` reports that properly."""
+    """Megatron warns at import that TE/Apex are missing; `megatune env` reports that properly.
+    (torch itself is not imported here: see `_quiet_device_warnings`.)"""
     import warnings
 
     for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
@@ -82,6 +162,12 @@ def _quiet_known_warnings() -> None:
                     # Megatron's optimizer probes `.grad` on its fp32 main-param views
                     ".*The .grad attribute of a Tensor that is not a leaf Tensor.*"):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def _quiet_device_warnings() -> None:
+    """Warnings that depend on the device; called once a worker imports torch anyway."""
+    import warnings
+
     import torch
 
     if not torch.cuda.is_available():  # a GPU tuning hint, meaningless on CPU
@@ -97,9 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("--version", "-V", "version"):
+        from megatune import __version__
+
+        print(f"megatune {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
+    if command in COMMAND_HELP and any(arg in ("-h", "--help") for arg in rest):
+        print(COMMAND_HELP[command])
+        return 0
     try:
         if command == "env":
+            if rest:
+                raise ConfigError([f"megatune env takes no arguments (got {' '.join(rest)}); see megatune env --help"])
             from megatune.env_report import env_lines
 
             print("\n".join(env_lines()))
@@ -111,10 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "data":
             return _data(rest)
     except ConfigError as err:
-        from megatune.distributed import rank
         from megatune.launch import under_launcher
 
-        if under_launcher() and rank() != 0:  # every rank found the same problem: rank 0 says it
+        if under_launcher() and _rank() != 0:  # every rank found the same problem: rank 0 says it
             return 2
         return _error(err.problems)
     print(f"megatune: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
@@ -190,11 +285,14 @@ def _data_samples(config, tokenizer):
 
 
 def _tiny_model(rest: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megatune tiny-model")
-    parser.add_argument("--model_type", default="qwen3", choices=["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2_vl", "qwen2_5_vl"])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--tie_word_embeddings", default="false", choices=["true", "false"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="megatune tiny-model",
+        description="Write a tiny random-weight Hugging Face model with an offline tokenizer (for tests and the quick start).")
+    parser.add_argument("--model_type", default="qwen3", help="the model family (default: qwen3)", choices=["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "qwen2_vl", "qwen2_5_vl"])
+    parser.add_argument("--output_dir", required=True, help="folder to write the model into")
+    parser.add_argument("--tie_word_embeddings", default="false", choices=["true", "false"],
+                        help="share the input embedding with the output layer (default: false)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     args = parser.parse_args(rest)
     from megatune.tiny import make_tiny_model
 
@@ -223,6 +321,10 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
         from megatune.preflight import preflight_problems
 
         problems = preflight_problems(config, hf) if command == "train" else []
+        if command == "train":
+            from megatune.engine.tracking import report_problems
+
+            problems += report_problems(config.training.report_to)
         if command == "verify" and hf is not None:
             from megatune.preflight import _model_problems
 
@@ -268,10 +370,12 @@ def _run_worker(command, config, layout, extras) -> int:
     from megatune.models.provider import UnsupportedModelError
 
     stopped = _quiet_signals()
+    _quiet_device_warnings()
     try:
         init_distributed(layout, config.training.seed, config.training.ddp_timeout)
         if is_rank0():
-            print(f"megatune: {layout.describe()}", flush=True)
+            # the batch arithmetic only means something to a training run
+            print(f"megatune: {layout.describe(with_batch=command == 'train')}", flush=True)
             for note in config.notes:
                 print(f"megatune: {note}", flush=True)
             _say_model_notes(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -91,7 +92,10 @@ class TrainingSection:
     fp16: bool = False
     seed: int = 42
     resume_from_checkpoint: Optional[str] = None
-    report_to: str = "none"
+    report_to: str = "none"  # none, all, or a list of: tensorboard, wandb, swanlab
+    run_name: Optional[str] = None  # the run's name in wandb / swanlab
+    swanlab_project: Optional[str] = None  # SwanLab project (report_to: swanlab); default megatune
+    swanlab_mode: Optional[str] = None  # SwanLab mode (cloud, local, offline, disabled); default SwanLab's
     plot_loss: bool = False
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss/grad
     ddp_timeout: int = 1800
@@ -299,6 +303,7 @@ def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
     """Type-check every key (collecting all problems) and return the Config."""
     values, where, notes = dict(values), dict(where), []
     gc = values.pop("gradient_checkpointing", None)  # HF's switch: recompute every layer
+    use_swanlab = values.pop("use_swanlab", None)  # LLaMA-Factory's switch: report to SwanLab too
     problems = _translate_keys(values, where, notes)
     sections = {name: {} for name in SECTIONS}
     for key, value in values.items():
@@ -320,6 +325,9 @@ def build_config(values: dict[str, Any], where: dict[str, str]) -> Config:
     if gc is not None and str(gc).lower() in ("true", "1", "yes") and config.parallel.recompute_granularity is None:
         config.parallel.recompute_granularity = "full"  # same meaning: every layer's activations recomputed
     _fill_recompute_defaults(config)
+    if use_swanlab is not None and str(use_swanlab).lower() in ("true", "1", "yes"):
+        names = [n.strip() for n in config.training.report_to.split(",") if n.strip() not in ("", "none")]
+        config.training.report_to = ",".join(names + ([] if "swanlab" in names else ["swanlab"]))
     return config
 
 
@@ -383,13 +391,15 @@ class Layout:
     num_micro_batches: int
     global_batch_size: int
 
-    def describe(self) -> str:
-        return (
-            f"world={self.world_size} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} "
-            f"etp={self.etp} -> data-parallel size {self.dp}; global batch = "
-            f"{self.micro_batch_size} (micro) x {self.num_micro_batches} (grad accum) x "
-            f"{self.dp} (dp) = {self.global_batch_size} sequences per step"
-        )
+    def describe(self, with_batch: bool = True) -> str:
+        """The layout line printed at start; `with_batch` adds the global-batch arithmetic
+        (training only: export and verify have no batch)."""
+        line = (f"world={self.world_size} tp={self.tp} pp={self.pp} cp={self.cp} ep={self.ep} "
+                f"etp={self.etp} -> data-parallel size {self.dp}")
+        if not with_batch:
+            return line
+        return (f"{line}; global batch = {self.micro_batch_size} (micro) x {self.num_micro_batches} "
+                f"(grad accum) x {self.dp} (dp) = {self.global_batch_size} sequences per step")
 
 
 def derive_layout(config: Config, world_size: int) -> Layout:
@@ -444,11 +454,13 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
         problems.append(
             f"world size {world_size} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size x context_parallel_size = {tp}x{pp}x{cp} = {tp * pp * cp}"
+            + _nproc_hint(world_size, tp * pp * cp)
         )
     elif world_size % (ep * etp * pp):
         problems.append(
             f"world size {world_size} is not divisible by expert_model_parallel_size x "
             f"expert_tensor_parallel_size x pipeline_model_parallel_size = {ep}x{etp}x{pp}"
+            + _nproc_hint(world_size, math.lcm(tp * pp * cp, ep * etp * pp))
         )
     if p.sequence_parallel and tp == 1:
         problems.append("sequence_parallel: true needs tensor_model_parallel_size > 1")
@@ -482,6 +494,15 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
     if problems:
         raise ConfigError(problems)
     return layout
+
+
+def _nproc_hint(world_size: int, unit: int) -> str:
+    """What to start instead: the nearest multiple of `unit` processes at or above the world
+    size (on one machine, `--nproc_per_node`; under torchrun, its own process count)."""
+    suggested = max(unit, -(-world_size // unit) * unit)
+    if "WORLD_SIZE" in os.environ:
+        return f"; start a multiple of {unit} processes (e.g. torchrun --nproc_per_node {suggested})"
+    return f"; start {suggested} processes with --nproc_per_node {suggested}"
 
 
 def _preference_problems(config: Config) -> list[str]:

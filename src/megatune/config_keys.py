@@ -80,10 +80,44 @@ optimizer_offload_fraction save_hf_model save_merged_model ckpt_format ckpt_d2h_
 compile_warmup
 """.split()
 
+# The field names of transformers' Seq2SeqTrainingArguments (5.x), written out so that checking a
+# YAML needs no transformers import (seconds: a config typo must fail at once);
+# tests/test_ux.py keeps it equal to the installed version's `hf_trainer_keys()`.
+HF_TRAINER_KEYS = """
+accelerator_config activation_checkpointing activation_checkpointing_kwargs adam_beta1 adam_beta2 adam_epsilon
+auto_find_batch_size average_tokens_across_devices batch_eval_metrics bf16 bf16_full_eval data_seed
+dataloader_drop_last dataloader_in_order dataloader_multiprocessing_context dataloader_num_workers
+dataloader_persistent_workers dataloader_pin_memory dataloader_prefetch_factor ddp_backend
+ddp_broadcast_buffers ddp_bucket_cap_mb ddp_find_unused_parameters ddp_static_graph ddp_timeout debug
+deepspeed disable_tqdm do_eval do_predict do_train enable_jit_checkpoint eval_accumulation_steps eval_delay
+eval_do_concat_batches eval_on_start eval_steps eval_strategy eval_use_gather_object fp16 fp16_full_eval fsdp
+fsdp_config full_determinism generation_config generation_max_length generation_num_beams
+gradient_accumulation_steps gradient_checkpointing gradient_checkpointing_kwargs greater_is_better
+hub_always_push hub_model_id hub_private_repo hub_revision hub_strategy hub_token ignore_data_skip
+include_for_metrics include_num_input_tokens_seen label_names label_smoothing_factor learning_rate
+length_column_name liger_kernel_config load_best_model_at_end local_rank log_level log_level_replica
+log_on_each_node logging_first_step logging_nan_inf_filter logging_steps logging_strategy lr_scheduler_kwargs
+lr_scheduler_type max_grad_norm max_steps metric_for_best_model neftune_noise_alpha num_train_epochs optim
+optim_args optim_target_modules output_dir parallelism_config per_device_eval_batch_size
+per_device_train_batch_size predict_with_generate prediction_loss_only project push_to_hub
+remove_unused_columns report_to restore_callback_states_from_checkpoint resume_from_checkpoint run_name
+save_on_each_node save_only_model save_steps save_strategy save_total_limit seed skip_memory_metrics
+sortish_sampler tf32 torch_compile torch_compile_backend torch_compile_mode torch_empty_cache_steps
+trackio_bucket_id trackio_space_id trackio_static_space_id train_sampling_strategy use_cache use_cpu
+use_liger_kernel warmup_steps weight_decay
+""".split()
+
 # Other names for honoured keys: the alias's value is stored under the key.
 ALIASES = {
     "moe_aux_loss_coef": "moe_aux_loss_coeff",  # LLaMA-Factory's name (the router's balancing-loss coefficient)
     "micro_batch_size": "per_device_train_batch_size",  # mcore_adapter's name
+    "swanlab_run_name": "run_name",  # LLaMA-Factory's name for the SwanLab experiment's name
+}
+
+# Switches that set other keys (config.build_config applies them): key -> meaning.
+SWITCHES = {
+    "use_swanlab": "true adds swanlab to report_to (LLaMA-Factory's switch)",
+    "gradient_checkpointing": "true means recompute_granularity: full (every layer recomputed)",
 }
 
 _PERF = "a speed/memory option megatune does not implement; results are the same without it"
@@ -131,7 +165,6 @@ NOOP = {
     "dataloader_pin_memory": "samples are prepared by the trainer itself",
     "dataloader_persistent_workers": "samples are prepared by the trainer itself",
     "dataloader_prefetch_factor": "samples are prepared by the trainer itself",
-    "run_name": "no experiment tracker uses it (report_to: none or tensorboard)",
     "torch_compile": _PERF, "torch_compile_backend": _PERF, "torch_compile_mode": _PERF,
     "gradient_checkpointing_kwargs": "recompute is Megatron's, set with recompute_* keys",
     "ddp_find_unused_parameters": "Megatron's DDP needs no unused-parameter search",
@@ -217,9 +250,9 @@ REFUSED = {
                            "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
                            "badam_mask_mode", "badam_verbose", "use_adam_mini", "use_muon", "adafactor",
                            "optimizer_cpu_offload", "optimizer_offload_fraction")},
-    **{k: "SwanLab is not supported; use report_to: tensorboard" for k in (
-        "use_swanlab", "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
-        "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
+    **{k: "not passed on: report_to: swanlab takes swanlab_project, swanlab_mode and run_name; set the rest "
+          "with `swanlab login` / SwanLab's environment variables" for k in (
+        "swanlab_workspace", "swanlab_api_key", "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     **{k: "Ray is not supported; start megatune with --nproc_per_node or torchrun" for k in (
         "ray_num_workers", "ray_init_kwargs", "master_addr", "master_port")},
     **{k: "the torch profiler is not wired in; profile with an external tool" for k in (
@@ -288,7 +321,7 @@ def hf_trainer_keys() -> set[str]:
 def classify(key: str, value, honoured: set[str]) -> tuple[str, str]:
     """(status, text) for one YAML key and value: status is "honoured", "alias", "noop",
     "off" (a refused key at its off value: accepted silently), "refused" or "unknown"."""
-    if key in honoured:
+    if key in honoured or key in SWITCHES:
         return "honoured", ""
     if key in ALIASES:
         return "alias", ALIASES[key]
@@ -309,17 +342,8 @@ def classify(key: str, value, honoured: set[str]) -> tuple[str, str]:
     return "refused", reason
 
 
-_HF_CACHE: set[str] | None = None
-
-
 def _hf_keys() -> set[str]:
-    global _HF_CACHE
-    if _HF_CACHE is None:
-        try:
-            _HF_CACHE = hf_trainer_keys()
-        except Exception:  # noqa: BLE001 - transformers missing: only the curated lists apply
-            _HF_CACHE = set()
-    return _HF_CACHE
+    return set(HF_TRAINER_KEYS)
 
 
 def key_table(honoured: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -328,6 +352,8 @@ def key_table(honoured: dict[str, str]) -> list[tuple[str, str, str]]:
     rows = {key: (key, "honoured", meaning) for key, meaning in honoured.items()}
     for alias, key in ALIASES.items():
         rows[alias] = (alias, "honoured", f"same as `{key}`")
+    for key, meaning in SWITCHES.items():
+        rows[key] = (key, "honoured", meaning)
     for key, reason in NOOP.items():
         rows.setdefault(key, (key, "no-op", reason))
     for key, (accepted, fix) in NOOP_VALUES.items():

@@ -54,6 +54,8 @@ def init_distributed(layout: Layout, seed: int, timeout_s: int = 1800) -> None:
         kwargs = {}
         if "MASTER_ADDR" not in os.environ:
             kwargs["init_method"] = f"tcp://127.0.0.1:{free_port()}"
+        if torch.cuda.is_available():  # bound to this rank's GPU: no "guessing device ID" / barrier warnings
+            kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group(
             backend,
             rank=int(os.environ.get("RANK", 0)),

@@ -26,8 +26,14 @@ def export_config(checkpoint_path: str, overrides: dict) -> Config:
     parallel layout taken from the command line (default: one process)."""
     root = Path(checkpoint_path)
     if not (root / STATE_FILE).is_file() or not (root / "config.yaml").is_file():
+        from megatune.engine.checkpoint import checkpoint_steps
+
+        inside = checkpoint_steps(root)
+        hint = (f"; it is a run folder: pass one of its checkpoints, e.g. --checkpoint_path "
+                f"{root / f'checkpoint-{inside[-1]}'} (complete ones: "
+                f"{', '.join(f'checkpoint-{s}' for s in inside)})" if inside else "")
         raise ConfigError([f"--checkpoint_path {checkpoint_path} is not a complete megatune checkpoint "
-                           f"(expected {STATE_FILE} and config.yaml in it)"])
+                           f"(expected {STATE_FILE} and config.yaml in it){hint}"])
     saved = yaml.safe_load((root / "config.yaml").read_text())
     values = {k: v for k, v in saved.items() if k not in _LAYOUT_KEYS}
     values["model_name_or_path"] = str(root / "hf")

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from megatune import failures
-from megatune.distributed import free_port
 
 CHECKED_ENV = "MEGATUNE_PREFLIGHT_DONE"  # the launcher has run the pre-flight checks
 PEER_GRACE_S = 5.0  # after a worker fails, how long the others may take to exit on their own
@@ -44,6 +43,8 @@ def _die_with_launcher() -> None:
 
 def launch_workers(nproc: int, argv: list[str]) -> int:
     """Run `python -m megatune <argv>` in `nproc` processes and return the run's exit code."""
+    from megatune.distributed import free_port  # torch: only once workers really start
+
     folder = Path(tempfile.mkdtemp(prefix="megatune-failures-"))
     base = {
         **os.environ,

@@ -21,11 +21,29 @@ from megatune.stages import get_stage
 FINGERPRINT = "megatune_encoding.json"  # beside the cached dataset in tokenized_path
 
 
+_clamp_said = False
+
+
+def worker_count(requested: int | None, rows: int, name: str) -> int | None:
+    """`preprocessing_num_workers` for a dataset of `rows` rows: at most one worker per row
+    (datasets would warn and reduce it itself), said once per run; None for one process."""
+    global _clamp_said
+    if not requested or requested <= 1:
+        return None
+    if requested > rows:
+        if not _clamp_said:
+            print(f"megatune: preprocessing_num_workers={requested} is more than dataset {name}'s {rows} rows; "
+                  f"using {max(rows, 1)} workers", flush=True)
+            _clamp_said = True
+        requested = rows
+    return requested if requested > 1 else None
+
+
 def encode_dataset(spec, rows, template, tokenizer, config: Config):
     """A datasets.Dataset of raw rows -> the stage's encoded columns + `error`."""
     import datasets
 
-    workers = config.data.preprocessing_num_workers
+    workers = worker_count(config.data.preprocessing_num_workers, len(rows), spec.name)
     stage = get_stage(config)
     return rows.map(
         RowEncoder(stage, spec, template, tokenizer, config.data),

@@ -73,7 +73,9 @@ def resolve_resume(value: str | None, output_dir: str) -> Path | None:
         steps = checkpoint_steps(output_dir)
         return Path(output_dir) / f"checkpoint-{steps[-1]}" if steps else None
     path = Path(value)
-    if not (path / STATE_FILE).is_file():
+    # config.yaml too: a finished run's output_dir has a run-level trainer_state.json (the HF
+    # Trainer's summary), which is not a checkpoint
+    if not (path / STATE_FILE).is_file() or not (path / "config.yaml").is_file():
         raise ResumeError(
             f"resume_from_checkpoint: {value} is not a complete megatune checkpoint (no {STATE_FILE}); "
             f"complete ones in {output_dir}: {checkpoint_steps(output_dir) or 'none'}"

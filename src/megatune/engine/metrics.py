@@ -1,5 +1,7 @@
-"""Training metrics: model FLOPs, throughput, memory, and where the numbers go (console,
-`trainer_log.jsonl`, TensorBoard, a loss plot).
+"""Training metrics: model FLOPs, throughput, memory, time left, and where the numbers go
+(console, `trainer_log.jsonl`, `running_log.txt`, the trackers of `report_to`, a loss plot, and
+at the end the files a Hugging Face Trainer run leaves: `train_results.json`,
+`all_results.json`, `trainer_state.json`).
 
 Model FLOPs per step (what "model TFLOP/s" counts, the same convention as DESIGN.md §4) come
 from the model family (models/provider.py `step_flops`); for decoders:
@@ -12,6 +14,8 @@ backward). Padding is not counted.
 
 from __future__ import annotations
 
+import collections
+import datetime
 import json
 import math
 import resource
@@ -31,28 +35,32 @@ def peak_memory_gb() -> float:
 
 
 class MetricsLog:
-    """Rank 0's sink for metric rows: jsonl file (appended; resumed runs continue it),
-    optional TensorBoard, and the loss history for the plot.
+    """Rank 0's sink for metric rows and console lines: `trainer_log.jsonl` (appended; resumed
+    runs continue it), `running_log.txt` (every line rank 0 printed), the trackers of
+    `report_to` (engine/tracking.py), and the loss history for the plot and the summary files.
 
     With `defer` (a run from step 0 where an earlier run left a log), no file is touched until
-    `commit()` (the first checkpoint, or the end of training): rows wait in memory, and at the
-    commit they replace the earlier log. A run that fails before then leaves it as it was.
+    `commit()` (the first checkpoint, or the end of training): rows and lines wait in memory, and
+    at the commit they replace the earlier files. A run that fails before then leaves them as
+    they were.
     """
 
-    def __init__(self, output_dir: str, report_to: str, resume_step: int, defer: bool = False):
-        self.path = Path(output_dir) / "trainer_log.jsonl"
+    def __init__(self, output_dir: str, report_to: str, resume_step: int, defer: bool = False,
+                 run_name: str | None = None, config: dict | None = None, lines: list[str] | None = None):
+        from megatune.engine.tracking import open_trackers
+
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "trainer_log.jsonl"
+        self.running_path = self.output_dir / RUNNING_LOG
         self.pending: list[dict] | None = [] if defer else None
+        self.pending_lines: list[str] | None = [] if defer else None
         if not defer:
             self._drop_rows_after(resume_step)
-        self.tensorboard = None
-        if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("megatune: report_to: tensorboard needs the tensorboard package "
-                      "(pip install tensorboard); logging to trainer_log.jsonl only", file=sys.stderr)
-            else:
-                self.tensorboard = SummaryWriter(str(Path(output_dir) / "runs"))
+            if resume_step == 0 and self.running_path.is_file():
+                self.running_path.unlink()  # a fresh run's text log starts empty, as LLaMA-Factory's
+        for line in lines or []:
+            self.say(line)
+        self.trackers = open_trackers(report_to, output_dir, run_name, config or {})
 
     def _drop_rows_after(self, step: int) -> None:
         """A resumed run rewrites history from its checkpoint on, so rows are never duplicated."""
@@ -66,22 +74,29 @@ class MetricsLog:
         """Replace an earlier run's log with this run's rows so far; later rows are appended."""
         if self.pending is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json_line(r) for r in self.pending))
-        self.pending = None
+        self.running_path.write_text("".join(line + "\n" for line in self.pending_lines))
+        self.pending = self.pending_lines = None
 
     def write(self, row: dict) -> None:
         if self.pending is not None:
             self.pending.append(row)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json_line(row))
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, row["step"])
-            self.tensorboard.flush()
+        for tracker in self.trackers:
+            tracker.log(row, row["step"])
+
+    def say(self, line: str) -> None:
+        """Keep one console line in running_log.txt."""
+        if self.pending_lines is not None:
+            self.pending_lines.append(line)
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.running_path, "a") as f:
+            f.write(line + "\n")
 
     def rows(self) -> list[dict]:
         if self.pending is not None:
@@ -90,9 +105,116 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def write_summary(self, train_metrics: dict, state: dict) -> None:
+        """The files a transformers Trainer run leaves in output_dir: `train_results.json`
+        (`train_metrics`), `eval_results.json` (the last row's eval fields, when the run ended
+        with an evaluation), `all_results.json` (both), and `trainer_state.json` (`state`'s
+        fields plus `log_history`, the jsonl rows in the Trainer's names). Call after commit."""
+        rows = self.rows()
+        last = rows[-1] if rows else {}
+        evals = {k: v for k, v in last.items() if k.startswith("eval_")}
+        results = {"train": train_metrics, **({"eval": {"epoch": last.get("epoch"), **evals}} if evals else {})}
+        for split, metrics in results.items():
+            _write_json(self.output_dir / f"{split}_results.json", metrics)
+        _write_json(self.output_dir / "all_results.json", {k: v for m in results.values() for k, v in m.items()})
+        history = trainer_log_history(rows)
+        history.append({"epoch": train_metrics.get("epoch"), "step": state.get("global_step"),
+                        **{k: v for k, v in train_metrics.items() if k != "epoch"}})
+        _write_json(self.output_dir / "trainer_state.json", {**state, "log_history": history})
+
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Finish the trackers (the files stay usable: `say`, `write_summary`)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+
+RUNNING_LOG = "running_log.txt"  # LLaMA-Factory's name for the console log kept in output_dir
+
+# trainer_log.jsonl field -> the name in a transformers Trainer's `log_history`
+_HF_NAMES = {"lr": "learning_rate"}
+_HF_TRAIN_FIELDS = ("loss", "aux_loss", "grad_norm", "lr", "epoch")
+
+
+def trainer_log_history(rows: list[dict]) -> list[dict]:
+    """trainer_log.jsonl rows -> a Trainer's `log_history`: one entry per training row (loss,
+    grad_norm, learning_rate, epoch, step) and one per evaluation (eval_*, epoch, step), as
+    `Trainer.log` records them (LLaMA-Factory's `plot_loss` reads `step` and `loss` /
+    `eval_loss` from it)."""
+    history = []
+    for row in rows:
+        train = {_HF_NAMES.get(k, k): row[k] for k in _HF_TRAIN_FIELDS if row.get(k) is not None}
+        if "loss" in row:  # a skipped window's loss is null: the Trainer logs nothing for it either
+            history.append({**train, "step": row["step"]})
+        evals = {k: v for k, v in row.items() if k.startswith("eval_")}
+        if evals:
+            history.append({**evals, "epoch": row.get("epoch"), "step": row["step"]})
+    return history
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(_finite_or_none(value), indent=2, allow_nan=False, sort_keys=True) + "\n")
+
+
+def clock(seconds: float) -> str:
+    """LLaMA-Factory's time format: whole seconds as H:MM:SS (`str(timedelta)`)."""
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def llamafactory_fields(step: int, total: int, elapsed_s: float, remaining_s: float | None) -> dict:
+    """The fields LLaMA-Factory's LogCallback writes into its trainer_log.jsonl rows (beside
+    `loss`, `lr`, `epoch`, which megatune's rows carry under the same names): `current_steps`,
+    `total_steps`, `percentage` (rounded to 2 decimals), `elapsed_time`, `remaining_time`
+    (H:MM:SS). Its loss plot and LlamaBoard read `current_steps` and `loss`."""
+    return {
+        "current_steps": step,
+        "total_steps": total,
+        "percentage": round(step / total * 100, 2) if total else 100.0,
+        "elapsed_time": clock(elapsed_s),
+        "remaining_time": clock(remaining_s or 0.0),
+    }
+
+
+class RecentRate:
+    """Time left, from the pace of the last `window` steps (not from start-up: the first steps
+    are slow, with compilation, allocator warm-up, data caches; averaging them in made a 74 s run
+    predict 679 s at step 5).
+
+    `start(step)` when the loop begins, `tick(step)` after each step. The first step of the run
+    is left out of the pace once a second one has finished. `clock` is injectable for tests."""
+
+    def __init__(self, window: int = 20, clock=time.perf_counter):
+        self.window, self.clock = window, clock
+        self.points: collections.deque = collections.deque(maxlen=window + 1)
+        self.started = self.clock()
+        self.warm = False
+
+    def start(self, step: int) -> None:
+        self.started = self.clock()
+        self.points.clear()
+        self.points.append((step, self.started))
+        self.warm = False
+
+    def tick(self, step: int) -> None:
+        self.points.append((step, self.clock()))
+        if not self.warm and len(self.points) >= 3:
+            self.points.popleft()  # drop the start point: the pace begins after the first step
+            self.warm = True
+
+    def elapsed(self) -> float:
+        """Seconds since `start`."""
+        return self.clock() - self.started
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.points) < 2:
+            return None
+        (s0, t0), (s1, t1) = self.points[0], self.points[-1]
+        return (t1 - t0) / (s1 - s0) if s1 > s0 else None
+
+    def remaining(self, step: int, total: int) -> float | None:
+        """Seconds left for steps step+1..total at the recent pace; None before any step."""
+        pace = self.seconds_per_step()
+        return None if pace is None else pace * max(total - step, 0)
 
 
 def json_line(row: dict) -> str:
@@ -111,15 +233,21 @@ def _finite_or_none(value):
     return value
 
 
-def format_row(row: dict) -> str:
+def format_row(row: dict, on_gpu: bool = True, with_time: bool = False) -> str:
+    """The console line of a row. Model TFLOP/s is labelled per GPU only on GPUs (the jsonl key
+    stays `tflops_per_gpu`); `with_time` (no progress bar, e.g. output to a file) adds elapsed
+    and remaining time."""
     parts = [f"step {row['step']}/{row['total_steps']}"]
+    flops_label = "tflops_per_gpu" if on_gpu else "TFLOP/s per CPU process"
     for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("eval_loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
                      ("tokens_per_s", ".0f"), ("tflops_per_gpu", ".3g"), ("peak_mem_gb", ".2f")):
         value = row.get(key)
         if value is not None:
-            parts.append(f"{key} {value:{fmt}}")
+            parts.append(f"{flops_label if key == 'tflops_per_gpu' else key} {value:{fmt}}")
     if row.get("skipped_steps"):
         parts.append(f"skipped_steps {row['skipped_steps']}")
+    if with_time and "elapsed_time" in row:
+        parts.append(f"elapsed {row['elapsed_time']} | remaining {row['remaining_time']}")
     return " | ".join(parts)
 
 
@@ -155,6 +283,7 @@ class Throughput:
     def __init__(self, step_flops, world_size: int):
         """`step_flops(doc_lens) -> FLOPs` is the model's formula (ModelBundle.step_flops)."""
         self.step_flops, self.world = step_flops, world_size
+        self.total_flops = 0.0  # since this process started training (train_results' total_flos)
         self.reset()
 
     def reset(self) -> None:
@@ -164,7 +293,9 @@ class Throughput:
 
     def add(self, doc_lens: list[int], image_grid_thw: list | None = None) -> None:
         self.tokens += sum(doc_lens)
-        self.flops += self.step_flops(doc_lens, image_grid_thw)
+        flops = self.step_flops(doc_lens, image_grid_thw)
+        self.flops += flops
+        self.total_flops += flops
 
     def report(self) -> dict:
         seconds = max(time.perf_counter() - self.start, 1e-9)

@@ -10,6 +10,8 @@ micro-batches.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -120,18 +122,18 @@ def _steps_on_device(adam, args, kwargs) -> None:
 
 
 def warmup_steps(config: Config, total_steps: int) -> int:
+    """Warmup steps as transformers' `TrainingArguments.get_warmup_steps` counts them:
+    `warmup_steps` when set, else ceil(warmup_ratio x total steps). It may reach or pass the
+    total (max_steps: 1 with warmup_ratio: 0.1 warms up for 1 step): the rate then only ramps."""
     t = config.training
     if t.lr_scheduler_type == "constant":
         return 0  # as in transformers: "constant" has no warmup (use constant_with_warmup)
-    return t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * total_steps + 0.999999)
+    return t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 
 
 def schedule_problems(config: Config, total_steps: int) -> list[str]:
     t = config.training
     problems = []
-    warm = warmup_steps(config, total_steps)
-    if warm >= total_steps and t.lr_scheduler_type != "constant":
-        problems.append(f"warmup ({warm} steps) must be shorter than training ({total_steps} steps)")
     if t.min_lr > t.learning_rate:
         problems.append(f"min_lr={t.min_lr} is above learning_rate={t.learning_rate}")
     if t.min_lr < 0 or t.learning_rate < 0:
@@ -155,7 +157,9 @@ def build_scheduler(optimizer, config: Config, total_steps: int) -> OptimizerPar
         max_lr=t.learning_rate,
         min_lr=t.min_lr,
         lr_warmup_steps=warmup_steps(config, total_steps),
-        lr_decay_steps=max(total_steps, 1),
+        # Megatron wants decay to end after warmup; when warmup covers the whole run (allowed, as
+        # in transformers) no step reaches the decay part, so any later end gives the same rates
+        lr_decay_steps=max(total_steps, warmup_steps(config, total_steps) + 1, 1),
         lr_decay_style=DECAY_STYLE[t.lr_scheduler_type],
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,

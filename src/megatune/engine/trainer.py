@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +25,10 @@ from megatune.data.collator import mask_out, pad_multiple_for
 from megatune.data.source import rank_share
 from megatune.distributed import device
 from megatune.engine import checkpoint as ckpt
-from megatune.engine.metrics import ExpertLoad, MetricsLog, Throughput, format_row, moe_aux_loss, peak_memory_gb, plot_loss
+from megatune.engine.metrics import (
+    RUNNING_LOG, ExpertLoad, MetricsLog, RecentRate, Throughput, format_row, llamafactory_fields, moe_aux_loss,
+    peak_memory_gb, plot_loss,
+)
 from megatune.engine.optim import build_optimizer, build_scheduler, schedule_problems, wrap_ddp
 from megatune.engine.step import StepResult, evaluate, micro_batches, train_step, uniform_length
 from megatune.models.hf_io import save_tokenizer
@@ -64,9 +66,14 @@ class StopFlag:
         return bool(flag.item())
 
 
+# Rank 0's lines before the run's log exists; they open running_log.txt (see Run.say).
+_early_lines: list[str] = []
+
+
 def _say(message: str) -> None:
     if dist.get_rank() == 0:
         print(f"megatune: {message}", flush=True)
+        _early_lines.append(f"megatune: {message}")
 
 
 @contextlib.contextmanager
@@ -155,10 +162,13 @@ def train(config: Config, layout: Layout) -> int:
     from megatune.models.weights import export_hf, load_hf_weights
 
     t, model_dir = config.training, config.model.model_name_or_path
+    _early_lines[:] = [f"megatune: {layout.describe()}", *(f"megatune: {note}" for note in config.notes)]
     stage = get_stage(config)
     _check_run_keys(config)
     stale = _stale_output(config)
     resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
+    if resume is None and t.resume_from_checkpoint == "auto":
+        _say(f"resume_from_checkpoint: auto: no checkpoint in {t.output_dir}; starting from step 0")
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos_note = stage.prepare_tokenizer(config, tokenizer)
@@ -198,8 +208,8 @@ def train(config: Config, layout: Layout) -> int:
         stop.restore()
         run.close()
     if stopped is not None:
-        _say(f"stopped by signal {stopped} at step {state.step}; checkpoint saved. Continue with "
-             f"--resume_from_checkpoint auto --output_dir {t.output_dir}")
+        run.say(f"stopped by signal {stopped} at step {state.step}; checkpoint saved. Continue with "
+                f"--resume_from_checkpoint auto --output_dir {t.output_dir}")
         return 128 + stopped
     run.commit_output()  # a run that ends without a save replaces the old run's files here
     with synced_params(model):
@@ -211,8 +221,10 @@ def train(config: Config, layout: Layout) -> int:
             problem = plot_loss(run.log.rows(), Path(t.output_dir) / "training_loss.png")
             if problem:
                 print(f"megatune: {problem}", file=sys.stderr)
-        print(f"megatune: done: {state.step} steps ({state.skipped_steps} skipped); Hugging Face "
-              f"checkpoint written to {t.output_dir}", flush=True)
+                run.log.say(f"megatune: {problem}")
+        run.write_summary()
+        run.say(f"done: {state.step} steps ({state.skipped_steps} skipped); Hugging Face "
+                f"checkpoint written to {t.output_dir}")
     return 0
 
 
@@ -286,9 +298,31 @@ class Run:
         self.window = LogWindow(units_key=self.stage.sum_names[1])
         # A fresh run replacing an old run's log keeps its rows in memory until its first save,
         # so a run that dies before then leaves the old trainer_log.jsonl as it was.
-        defer = self.state.step == 0 and (Path(t.output_dir) / "trainer_log.jsonl").is_file()
-        self.log = MetricsLog(t.output_dir, t.report_to, self.state.step, defer=defer) if dist.get_rank() == 0 else None
+        defer = self.state.step == 0 and any((Path(t.output_dir) / name).is_file()
+                                             for name in ("trainer_log.jsonl", RUNNING_LOG))
+        self.log = None
+        if dist.get_rank() == 0:
+            self.log = MetricsLog(t.output_dir, t.report_to, self.state.step, defer=defer, run_name=t.run_name,
+                                  config=c.to_flat_dict(), lines=_early_lines)
         self.nonfinite_in_row = 0
+        self.progress = None  # rank 0's tqdm bar while the loop runs (None without a terminal)
+        self.rate = RecentRate()
+        self.on_gpu = torch.cuda.is_available()
+        self.session_start = (self.state.step, self.state.consumed_samples)
+        self.loss_sum, self.loss_steps = 0.0, 0  # this session's unskipped steps (train_loss)
+
+    def say(self, message: str) -> None:
+        """A rank-0 line: through the progress bar when there is one (so it never lands on the
+        bar's line), else printed; kept in running_log.txt either way."""
+        if dist.get_rank() != 0:
+            return
+        line = f"megatune: {message}"
+        if self.progress is not None:
+            self.progress.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+        if self.log is not None:
+            self.log.say(line)
 
     def close(self) -> None:
         if self.log is not None:
@@ -304,26 +338,33 @@ class Run:
 
     def loop(self, stop: StopFlag) -> int | None:
         """Run steps until done; returns the signal number if a signal stopped training, else None."""
-        progress = _progress(self.state.step, self.steps)
-        self.started, self.first_step = time.perf_counter(), self.state.step
-        while self.state.step < self.steps:
-            result = self.step()
+        progress = self.progress = _progress(self.state.step, self.steps)
+        self.rate.start(self.state.step)
+        try:
+            while self.state.step < self.steps:
+                result = self.step()
+                self.rate.tick(self.state.step)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{result.loss:.4f}")
+                row = self.log_row(result) if self.due(self.config.training.logging_steps) else None
+                if self.eval_every and self.due(self.eval_every):
+                    row = {**(row or {"step": self.state.step, "total_steps": self.steps}), **self.evaluate()}
+                if row is not None and self.log is not None:
+                    elapsed = row.setdefault("elapsed_s", self.rate.elapsed())  # eval-only rows get them here
+                    remaining = row.setdefault("remaining_s", self.rate.remaining(self.state.step, self.steps))
+                    row.update(llamafactory_fields(self.state.step, self.steps, elapsed, remaining))
+                    self.log.write(row)
+                    self.say(format_row(row, on_gpu=self.on_gpu, with_time=progress is None))
+                stopping = stop.agreed()
+                if self.due(self.config.training.save_steps, at_end=False) or stopping:
+                    self.save()
+                if stopping:
+                    return stop.signum or signal.SIGTERM
+        finally:
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{result.loss:.4f}")
-            row = self.log_row(result) if self.due(self.config.training.logging_steps) else None
-            if self.eval_every and self.due(self.eval_every):
-                row = {**(row or {"step": self.state.step, "total_steps": self.steps}), **self.evaluate()}
-            if row is not None and self.log is not None:
-                self.log.write(row)
-                _write_line(progress, format_row(row))
-            stopping = stop.agreed()
-            if self.due(self.config.training.save_steps, at_end=False) or stopping:
-                self.save()
-            if stopping:
-                return stop.signum or signal.SIGTERM
-        if progress is not None:
-            progress.close()
+                progress.close()
+            self.progress = None
         return None
 
     def due(self, every: int, at_end: bool = True) -> bool:
@@ -346,10 +387,11 @@ class Run:
                             [g for s in global_batch for g in getattr(s, "image_grid_thw", [])])
         if not result.skipped:
             self.nonfinite_in_row = 0
+            self.loss_sum, self.loss_steps = self.loss_sum + result.loss, self.loss_steps + 1
             return result
         state.skipped_steps += 1
         self.nonfinite_in_row += 1
-        _say(f"{nonfinite_message(state.step, result)}; update skipped ({self.nonfinite_in_row} in a row)")
+        self.say(f"{nonfinite_message(state.step, result)}; update skipped ({self.nonfinite_in_row} in a row)")
         if self.nonfinite_in_row >= t.max_nonfinite_steps:
             raise TrainingError(
                 f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at "
@@ -359,7 +401,7 @@ class Run:
         return result
 
     def log_row(self, result: StepResult) -> dict:
-        state, elapsed = self.state, time.perf_counter() - self.started
+        state = self.state
         load = self.expert_load
         row = {
             "step": state.step,
@@ -374,8 +416,8 @@ class Run:
             **self.throughput.report(),
             "peak_mem_gb": _max_over_ranks(peak_memory_gb()),
             "skipped_steps": state.skipped_steps,
-            "elapsed_s": elapsed,
-            "remaining_s": elapsed / (state.step - self.first_step) * (self.steps - state.step),
+            "elapsed_s": self.rate.elapsed(),
+            "remaining_s": self.rate.remaining(state.step, self.steps),  # from the recent steps' pace
         }
         self.window.reset()
         return row
@@ -404,7 +446,31 @@ class Run:
                 tokenizer=self.tokenizer_to_save,
             )
         self.commit_output(keep=state.step)
-        _say(f"saved {path}")
+        self.say(f"saved {path}")
+
+    def write_summary(self) -> None:
+        """Rank 0, at the end: train_results.json, all_results.json and trainer_state.json in
+        output_dir, as a transformers Trainer run leaves them (metrics of this session)."""
+        t, state = self.config.training, self.state
+        runtime = max(self.rate.elapsed(), 1e-9)
+        first_step, first_samples = self.session_start
+        epoch = state.step / self.source.steps_per_epoch if self.source.steps_per_epoch else None
+        metrics = {
+            "epoch": epoch,
+            "train_loss": self.loss_sum / self.loss_steps if self.loss_steps else None,
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round((state.consumed_samples - first_samples) / runtime, 3),
+            "train_steps_per_second": round((state.step - first_step) / runtime, 3),
+            "total_flos": self.throughput.total_flops,
+        }
+        self.log.write_summary(metrics, {
+            "global_step": state.step, "max_steps": self.steps, "epoch": epoch,
+            "num_train_epochs": t.num_train_epochs, "logging_steps": t.logging_steps,
+            "eval_steps": self.eval_every, "save_steps": t.save_steps,
+            "train_batch_size": t.per_device_train_batch_size, "total_flos": self.throughput.total_flops,
+            "best_metric": None, "best_model_checkpoint": None,
+            "is_local_process_zero": True, "is_world_process_zero": True,
+        })
 
     def commit_output(self, keep: int | None = None) -> None:
         """This run now owns output_dir: remove the old run's checkpoints (all but `keep`, the
@@ -429,12 +495,8 @@ def _progress(done: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    # disable=None: a live bar in a terminal, none in log files (the metric lines carry the news)
-    return tqdm(total=total, initial=done, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
+    # disable=None: a live bar in a terminal, none in log files (the metric lines carry the news,
+    # with elapsed and remaining time); without a terminal there is no bar object at all
+    bar = tqdm(total=total, initial=done, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
+    return None if bar.disable else bar
 
-
-def _write_line(progress, line: str) -> None:
-    if progress is not None:
-        progress.write(f"megatune: {line}", file=sys.stdout)
-    else:
-        print(f"megatune: {line}", flush=True)

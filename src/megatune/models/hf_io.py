@@ -110,8 +110,18 @@ class ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
 
+def _plain_file_mode() -> int:
+    """The mode a newly created file gets here (0o666 minus the umask, usually 0o644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def finalize_shards(out_dir: Path, files: list[tuple[str, list[str], int]]) -> None:
-    """Give the provisional shard files their HF names and write the index."""
+    """Give the provisional shard files their HF names and write the index. safetensors creates
+    its files private (0600); they get the mode of their neighbours (config.json, ...)."""
+    for fname, _, _ in files:
+        os.chmod(out_dir / fname, _plain_file_mode())
     if len(files) == 1:
         os.replace(out_dir / files[0][0], out_dir / SINGLE_FILE)
         return
