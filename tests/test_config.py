@@ -45,7 +45,7 @@ def test_world_size_must_divide_by_tp_pp_cp():
     problems = problems_of(lambda: validate(config, 6))
     assert problems == [
         "world size 6 is not divisible by tensor_model_parallel_size x pipeline_model_parallel_size "
-        "x context_parallel_size = 2x2x1 = 4"
+        "x context_parallel_size = 2x2x1 = 4; start 8 processes with --nproc_per_node 8"
     ]
 
 

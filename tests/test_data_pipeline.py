@@ -124,7 +124,7 @@ def test_bad_rows_fail_or_are_counted_with_skip_invalid(tokenizer, tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"mixed": {"file_name": "mixed.json"}}))
     rows = [{"instruction": "Hi", "output": "Hello"}, {"instruction": "Bye", "output": ""}, {"instruction": "Yo", "output": "Hey"}]
     (tmp_path / "mixed.json").write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=r"dataset 'mixed', file mixed.json, row 1: .*skip_invalid: true"):
+    with pytest.raises(DataError, match=r"dataset 'mixed', file \S*mixed.json, row 1: .*skip_invalid: true"):
         build_samples(config_for(dataset="mixed", dataset_dir=str(tmp_path)), tokenizer)
     samples, stats = build_samples(config_for(dataset="mixed", dataset_dir=str(tmp_path), skip_invalid=True), tokenizer)
     assert (stats.samples, stats.dropped) == (2, 1)
