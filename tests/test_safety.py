@@ -62,7 +62,7 @@ def test_overwrite_output_dir_deletes_nothing_until_the_new_run_saves(tmp_path, 
     shutil.copytree(model_dir, broken_model)
     (broken_model / "model.safetensors").write_bytes(b"not a safetensors file")
     failing = {
-        "config": dict(max_steps=4, warmup_steps=4),  # found by the trainer, after the data
+        "config": dict(max_steps=4, min_lr=1.0),  # found by the trainer, after the data (min_lr above the rate)
         "data": dict(dataset="no_such_dataset"),
         "template": dict(template="no_such_template"),
         "model": dict(model_name_or_path=str(broken_model)),

@@ -150,7 +150,7 @@ def test_interleaved_datasets_stream(tokenizer):
 def test_bad_row_is_named_or_skipped_and_counted(tokenizer, tmp_path):
     rows = [{"instruction": "Hi", "output": "Hello"}, {"instruction": "Bye", "output": ""}, {"instruction": "Yo", "output": "Hey"}]
     write_dataset(tmp_path, "mixed", "mixed.jsonl", rows)
-    with pytest.raises(DataError, match=r"dataset 'mixed', file mixed.jsonl, row 1: .*skip_invalid: true"):
+    with pytest.raises(DataError, match=r"dataset 'mixed', file \S*mixed.jsonl, row 1.*skip_invalid: true"):
         build_train_source(config_for(dataset="mixed", dataset_dir=str(tmp_path)), tokenizer, 1)
     source, _, stats = build_train_source(config_for(dataset="mixed", dataset_dir=str(tmp_path), skip_invalid=True), tokenizer, 1)
     served = take(source, 2)
