@@ -326,9 +326,9 @@ def _distributed(command: str, rest: list[str], argv: list[str]) -> int:
 
             problems += report_problems(config.training.report_to)
         if command == "verify" and hf is not None:
-            from megatune.preflight import _model_problems
+            from megatune.preflight import model_problems
 
-            problems = _model_problems(config, hf)
+            problems = model_problems(config, hf, need_tokenizer=False)
         if problems:
             raise ConfigError(problems)
     if not under_launcher() and world > 1:

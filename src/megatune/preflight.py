@@ -23,7 +23,7 @@ def preflight_problems(config: Config, hf: dict | None) -> list[str]:
     reported that already). Reads at most the first row of each data file."""
     problems = _data_problems(config)
     if hf is not None:
-        problems += _model_problems(config, hf)
+        problems += model_problems(config, hf)
     return problems
 
 
@@ -100,23 +100,14 @@ def _column_problems(spec, row: dict, file: str, stage) -> list[str]:
     return problems
 
 
-def _model_problems(config: Config, hf: dict) -> list[str]:
-    """The tokenizer loads, the weight files' headers read, and Megatron accepts the model's
-    TransformerConfig under this run's settings (its own checks run when it is built)."""
+def model_problems(config: Config, hf: dict, need_tokenizer: bool = True) -> list[str]:
+    """The tokenizer loads (when the command needs one: `verify` does not), the weight files'
+    headers read, and Megatron accepts the model's TransformerConfig under this run's settings
+    (its own checks run when it is built)."""
     from megatune.models import UnsupportedModelError, get_provider
 
     model_dir = config.model.model_name_or_path
-    problems = []
-    try:
-        from transformers import AutoTokenizer
-
-        if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
-            # transformers would quietly build an empty tokenizer from config.json alone
-            raise FileNotFoundError(f"none of {', '.join(TOKENIZER_FILES)} is there")
-        AutoTokenizer.from_pretrained(model_dir)
-    except Exception as err:  # noqa: BLE001 - any failure here is "the tokenizer does not load"
-        problems.append(f"model_name_or_path: the tokenizer in {model_dir} does not load ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); the folder needs the tokenizer files")
+    problems = _tokenizer_problems(model_dir) if need_tokenizer else []
     problems += _weight_file_problems(model_dir)
     try:
         provider = get_provider(hf, f"{model_dir}/config.json")
@@ -130,6 +121,20 @@ def _model_problems(config: Config, hf: dict) -> list[str]:
     except (ValueError, AssertionError, TypeError) as err:
         problems.append(f"Megatron refuses this model configuration: {err}")
     return problems
+
+
+def _tokenizer_problems(model_dir: str) -> list[str]:
+    try:
+        from transformers import AutoTokenizer
+
+        if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would quietly build an empty tokenizer from config.json alone
+            raise FileNotFoundError(f"none of {', '.join(TOKENIZER_FILES)} is there")
+        AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001 - any failure here is "the tokenizer does not load"
+        return [f"model_name_or_path: the tokenizer in {model_dir} does not load ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); the folder needs the tokenizer files"]
+    return []
 
 
 def _weight_file_problems(model_dir: str) -> list[str]:
