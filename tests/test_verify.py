@@ -116,7 +116,7 @@ def test_unsupported_model_type_lists_supported(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"megatune: error: {tmp_path}/config.json: model_type 'gpt2' is not supported; "
-        "supported: llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"
+        "supported: llama, mixtral, qwen2, qwen2_5_vl, qwen2_moe, qwen2_vl, qwen3, qwen3_moe"
     )
 
 
