@@ -25,26 +25,24 @@ class _GuardedStream:
             os.close(devnull)
         self._stream = open(os.devnull, "w")
 
-    def write(self, text):
+    def _guarded(self, call, *args):
+        """Run a stream call; a closed pipe (or tty) silences the stream instead of raising."""
         try:
-            return self._stream.write(text)
+            return call(*args)
         except (BrokenPipeError, ConnectionResetError):
             self._lost()
         except OSError as err:
             if err.errno not in (errno.EPIPE, errno.EIO):
                 raise
             self._lost()
-        return len(text)
+        return None
+
+    def write(self, text):
+        written = self._guarded(lambda t: self._stream.write(t), text)
+        return len(text) if written is None else written
 
     def flush(self):
-        try:
-            self._stream.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self._lost()
-        except OSError as err:
-            if err.errno not in (errno.EPIPE, errno.EIO):
-                raise
-            self._lost()
+        self._guarded(lambda: self._stream.flush())
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

@@ -87,7 +87,7 @@ def missing_column_error(row: dict, spec: DatasetSpec, key: str, column: str, so
     )
 
 
-def _required(row: dict, spec: DatasetSpec, key: str, source: str) -> Any:
+def required_column(row: dict, spec: DatasetSpec, key: str, source: str) -> Any:
     column = spec.column(key)
     if column not in row:
         raise missing_column_error(row, spec, key, column, source)
@@ -133,9 +133,9 @@ def _pretrain(row: dict, spec: DatasetSpec, source: str) -> Conversation:
 
 
 def parse_alpaca(row: dict, spec: DatasetSpec, source: str) -> Conversation:
-    prompt = text_value(_required(row, spec, "prompt", source), f"column '{spec.column('prompt')}'", source)
+    prompt = text_value(required_column(row, spec, "prompt", source), f"column '{spec.column('prompt')}'", source)
     query = text_value(optional_column(row, spec, "query", source), f"column '{spec.column('query')}'", source)
-    response = _required(row, spec, "response", source)
+    response = required_column(row, spec, "response", source)
     if isinstance(response, list):
         raise DataError(f"{source}: response column '{spec.column('response')}' holds a list; sft needs one answer")
     response = text_value(response, f"column '{spec.column('response')}'", source)
@@ -167,7 +167,7 @@ def parse_alpaca(row: dict, spec: DatasetSpec, source: str) -> Conversation:
 
 
 def parse_chat(row: dict, spec: DatasetSpec, source: str) -> Conversation:
-    raw = _required(row, spec, "messages", source)
+    raw = required_column(row, spec, "messages", source)
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{source}: column '{spec.column('messages')}' must be a non-empty list of messages")
     role_tag, content_tag = spec.tag("role_tag"), spec.tag("content_tag")

@@ -26,7 +26,17 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from megatune.data.conversation import Conversation, Message
-from megatune.data.converters import UNSUPPORTED_MEDIA, parse_alpaca, parse_chat, parse_images, missing_column_error, optional_column, text_value, parse_tools
+from megatune.data.converters import (
+    UNSUPPORTED_MEDIA,
+    missing_column_error,
+    optional_column,
+    parse_alpaca,
+    parse_chat,
+    parse_images,
+    parse_tools,
+    required_column,
+    text_value,
+)
 from megatune.data.processors import IGNORE, Sample
 from megatune.data.registry import DataError, DatasetSpec, describe_row
 
@@ -67,13 +77,10 @@ def _require_ranking(spec: DatasetSpec, source: str) -> None:
 
 
 def _answer_value(row: dict, spec: DatasetSpec, side: str, source: str) -> Any:
-    column = spec.column(side)
-    if column not in row:
-        raise missing_column_error(row, spec, side, column, source)
-    value = row[column]
+    value = required_column(row, spec, side, source)
     if value is None or value == "" or value == {} or value == []:
         raise DataError(
-            f"{source}: no {side} answer (column '{column}' is empty); a preference row needs both a "
+            f"{source}: no {side} answer (column '{spec.column(side)}' is empty); a preference row needs both a "
             f"chosen and a rejected answer: fill it in or remove the row (or set skip_invalid: true)"
         )
     return value
