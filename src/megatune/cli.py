@@ -160,7 +160,11 @@ def _quiet_known_warnings() -> None:
                     ".*full scope is deprecated.*", ".*all_gather_into_tensor. is deprecated.*",
                     ".*reduce_scatter_tensor. is deprecated.*",
                     # Megatron's optimizer probes `.grad` on its fp32 main-param views
-                    ".*The .grad attribute of a Tensor that is not a leaf Tensor.*"):
+                    ".*The .grad attribute of a Tensor that is not a leaf Tensor.*",
+                    # loading a checkpoint (resume, export): Megatron's dist_checkpointing calls torch's
+                    # deprecated load_state_dict on ShardedTensors; nothing a user can act on
+                    ".*`load_state_dict` is deprecated and will be removed.*",
+                    ".*Please use DTensor instead and we are deprecating ShardedTensor.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
