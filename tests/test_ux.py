@@ -364,3 +364,21 @@ def test_quick_start_installs_what_its_example_uses():
     script = (REPO / "scripts" / "quickstart.sh").read_text()
     assert 'setup_env.sh "[plot]"' in script
     assert all(set(extras["plot"]) <= set(extras[name]) for name in ("test",))
+
+
+def test_quick_start_example_runs_and_leaves_what_the_readme_promises(tmp_path):
+    """The README's example config itself (cut to 6 steps, our own folders), with the tiny model
+    the quick start makes: a Hugging Face checkpoint, trainer_log.jsonl and the loss plot."""
+    from megatune.tiny import make_tiny_model
+
+    model = make_tiny_model("qwen3", str(tmp_path / "tiny-qwen3"), with_tokenizer=True)
+    out = tmp_path / "output"
+    result = run_megatune("train", str(REPO / "examples" / "tiny_qwen3_sft.yaml"), "--nproc_per_node", "2",
+                          "--model_name_or_path", model, "--output_dir", str(out), "--max_steps", "6",
+                          "--dataset_dir", str(REPO / "data"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_log.jsonl", "training_loss.png"):
+        assert (out / name).is_file(), name
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))  # a loadable Hugging Face checkpoint
