@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from megatune.models.hf_io import record_weight_names, save_tokenizer, write_side_files

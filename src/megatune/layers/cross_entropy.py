@@ -22,7 +22,6 @@ summed (all-reduce of [chunk]), as Megatron's vocab-parallel cross-entropy does.
 
 from __future__ import annotations
 
-import functools
 import types
 from typing import Callable, Optional
 

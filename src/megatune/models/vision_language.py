@@ -35,21 +35,18 @@ published checkpoints and transformers 5.24's `save_pretrained` write) and "nest
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from typing import Iterable, Optional
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from transformers import PretrainedConfig
 
-from megatune.models.decoder import check_no_mlp_bias, dense_decoder_mappings, head_dim
+from megatune.models.decoder import dense_decoder_mappings, hf_inv_freq
 from megatune.models.mappings import Mapping, Replicated
-from megatune.models.provider import UnsupportedModelError
 
 VISION_MODULE = "vision_model"  # attribute (and Megatron-name prefix) of the vision tower
 PROJECTOR_MODULE = f"{VISION_MODULE}.merger"  # the patch merger = LLaMA-Factory's "multi_modal_projector"
@@ -93,20 +90,6 @@ LAYOUTS = {
 # ---- weight mappings ----------------------------------------------------------------------------
 
 
-def with_hf_prefix(mappings: Iterable[Mapping], old: str, new: str) -> tuple[Mapping, ...]:
-    """The same mappings with every HF name starting with `old` re-rooted at `new` (Megatron
-    names unchanged); e.g. `model.layers.{layer}.*` -> `model.language_model.layers.{layer}.*`."""
-    out = []
-    for mapping in mappings:
-        values = {}
-        for f in dataclasses.fields(mapping):
-            value = getattr(mapping, f.name)
-            if f.name != "megatron" and isinstance(value, str) and value.startswith(old):
-                values[f.name] = new + value[len(old):]
-        out.append(dataclasses.replace(mapping, **values))
-    return tuple(out)
-
-
 def qwen2_vl_mappings(model_type: str, layout: str) -> tuple[Mapping, ...]:
     """Mappings of a Qwen2-VL (`model_type="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`)
     checkpoint in `layout` ("published" or "nested", see `detect_layout`) onto
@@ -119,7 +102,7 @@ def qwen2_vl_mappings(model_type: str, layout: str) -> tuple[Mapping, ...]:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {sorted(LAYOUTS)}")
     vision_prefix, text_prefix = LAYOUTS[layout]
-    text = with_hf_prefix(dense_decoder_mappings(qkv_bias=True, qk_norm=False), "model.", text_prefix)
+    text = dense_decoder_mappings(qkv_bias=True, qk_norm=False, prefix=text_prefix)
     vision = tuple(Replicated(f"{VISION_MODULE}.{name}", vision_prefix + name) for name in _VISION_PARAMS[model_type])
     return text + vision
 
@@ -162,49 +145,9 @@ def param_group(megatron_name: str) -> str:
 # ---- configuration ------------------------------------------------------------------------------
 
 
-def text_config_dict(hf_config: PretrainedConfig) -> dict:
-    """The language model's HF config as a dict (class defaults filled in), with the top-level
-    `tie_word_embeddings` and `model_type`, so the text-model helpers (`dense_transformer_kwargs`,
-    `ModelBundle.tied`) read it as they read a text-only config."""
-    text = hf_config.text_config.to_dict()
-    text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)
-    text["model_type"] = hf_config.model_type
-    return text
-
-
-def mrope_section(hf_config: PretrainedConfig) -> list[int]:
-    """The text config's `mrope_section` (rotary half-dims given to temporal, height, width);
-    transformers' default [16, 24, 24] when absent. Raises if it does not cover head_dim / 2."""
-    text = hf_config.text_config
-    params = getattr(text, "rope_parameters", None) or {}
-    section = [int(x) for x in params.get("mrope_section", [16, 24, 24])]
-    half = head_dim(text.to_dict()) // 2
-    if sum(section) != half:
-        raise UnsupportedModelError(f"mrope_section {section} sums to {sum(section)}, but head_dim / 2 is {half}")
-    return section
-
-
-def check_vl_config(hf: dict) -> list[str]:
-    """Problems that make a Qwen2(.5)-VL config unsupported (text config dict of `text_config_dict`)."""
-    problems = []
-    params = hf.get("rope_parameters") or {}
-    if (params.get("rope_type") or "default") != "default":
-        problems.append(f"text rope type '{params.get('rope_type')}' is not supported for vision-language models")
-    if hf.get("use_sliding_window"):
-        problems.append("use_sliding_window: true is not supported")
-    if msg := check_no_mlp_bias(hf):
-        problems.append(msg)
-    return problems
-
-
 def text_inv_freq(hf_config: PretrainedConfig) -> torch.Tensor:
     """Rotary inverse frequencies [head_dim / 2] as transformers' text rotary class computes them."""
-    module_name, cls_name = _TEXT_ROTARY[hf_config.model_type].rsplit(".", 1)
-    rotary = getattr(importlib.import_module(module_name), cls_name)(config=hf_config.text_config)
-    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
-        raise UnsupportedModelError("rope variants that rescale attention are not supported")
-    return rotary.inv_freq.detach().float().cpu()
-
+    return hf_inv_freq(_TEXT_ROTARY[hf_config.model_type], hf_config.text_config)
 
 def build_vision_tower(hf_config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' vision module (tower + merger) of `hf_config.model_type`, random weights in
@@ -224,7 +167,7 @@ class VisionLanguageModel(GPTModel):
     Args (beyond GPTModel's, which are passed through; position_embedding_type and
     scatter_embedding_sequence_parallel are fixed here):
         hf_config: the HF `Qwen2VLConfig` / `Qwen2_5_VLConfig` (vision config and token ids).
-        config: must carry `mrope_section` (see `mrope_section`).
+        config: must carry `mrope_section` (models/qwen2_vl.py:mrope_section).
     """
 
     def __init__(self, config: TransformerConfig, hf_config: PretrainedConfig, **gpt_kwargs):

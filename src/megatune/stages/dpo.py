@@ -30,7 +30,7 @@ from megatune.data.collator import Batch, collate
 from megatune.data.processors import IGNORE, Sample
 from megatune.data.registry import DataError
 from megatune.stages.base import Stage, forward_with_labels
-from megatune.stages.preference_loss import PreferenceConfig, preference_loss, split_pairs, validate_preference_config
+from megatune.stages.preference_loss import PreferenceConfig, preference_loss, split_pairs
 
 
 @dataclass
