@@ -157,8 +157,15 @@ def run_megatune(args) -> dict:
         installed = enable_fast_path()  # idempotent: reports what is installed
     if args.no_fused_adam:
         optim.use_fused_adam = lambda optimizer: 0
+    memory = {}  # GB allocated after each start-up stage, and each warm-up step's peak
+
+    def mark(name: str) -> None:
+        if torch.cuda.is_available():
+            memory[name] = round(torch.cuda.memory_allocated() / 1024**3, 2)
+
     bundle = build.build_model(config, args.model_dir)
     load_hf_weights(bundle, args.model_dir)
+    mark("model")
     if fast and args.ce_chunk:
         from megatune.layers.cross_entropy import use_fused_linear_cross_entropy
 
@@ -166,7 +173,9 @@ def run_megatune(args) -> dict:
             chunk._megatune_fused_ce = False  # re-wrap with this run's chunk size
             use_fused_linear_cross_entropy(chunk, args.ce_chunk)
     model = optim.wrap_ddp(bundle.chunks, bundle.config, config)
+    mark("ddp_grad_buffers")
     optimizer = optim.build_optimizer(model, bundle.config, config)
+    mark("optimizer")
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -199,6 +208,9 @@ def run_megatune(args) -> dict:
         sync()
         times.append(time.perf_counter() - start)
         losses.append(result.loss)
+        if step < 2 and torch.cuda.is_available():
+            memory[f"step{step + 1}_peak"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            mark(f"after_step{step + 1}")
     prof_out = None
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -249,6 +261,7 @@ def run_megatune(args) -> dict:
         "tflops_per_gpu": tflops,
         "mfu": tflops / PEAK_TFLOPS,
         "peak_mem_gb": peak_memory_gb(),
+        "memory_gb": memory,
         "losses": [round(x, 5) for x in losses],
         "flop_formula": FLOP_FORMULA,
         "profile": prof_out,

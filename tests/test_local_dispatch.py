@@ -1,0 +1,105 @@
+"""layers/local_dispatch.py: the sync-free token dispatch used when one rank holds every expert.
+
+Compared with Megatron-core's own permute and with a whole MoE layer (router, dispatcher, experts)
+running Megatron's all-to-all and all-gather dispatchers on the same weights and inputs: the
+outputs and every gradient must be bit-identical, since only the bookkeeping differs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HIDDEN, FFN, EXPERTS, TOPK = 32, 16, 8, 2
+
+
+@pytest.fixture(scope="module")
+def groups():
+    from megatune.config import Config, validate
+    from megatune.distributed import init_distributed, shutdown
+
+    init_distributed(validate(Config(), 1), seed=1)
+    yield
+    shutdown()
+
+
+def routing(tokens: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, EXPERTS, generator=g)
+    probs, top = torch.topk(torch.softmax(logits, -1), TOPK, dim=-1)
+    routing_map = torch.zeros(tokens, EXPERTS, dtype=torch.bool).scatter_(1, top, True)
+    dense_probs = torch.zeros(tokens, EXPERTS).scatter_(1, top, probs)
+    return torch.randn(tokens, HIDDEN, generator=g), routing_map, dense_probs
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_permute_dropless_equals_megatron_permute(tokens):
+    from megatron.core.transformer.moe.moe_utils import permute
+
+    from megatune.layers.local_dispatch import permute_dropless
+
+    x, routing_map, probs = routing(tokens, seed=tokens)
+    want_x, want_p, want_idx = permute(x, routing_map, probs=probs, num_out_tokens=tokens * TOPK)
+    got_x, got_p, got_idx, counts = permute_dropless(x, routing_map, probs, TOPK)
+    assert torch.equal(got_idx, want_idx) and torch.equal(got_x, want_x) and torch.equal(got_p, want_p)
+    assert counts.tolist() == routing_map.sum(0).tolist() and counts.sum() == tokens * TOPK
+
+
+def moe_layer(dispatcher_type: str, capacity=None, grouped=True):
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatune.layers.spec import moe_spec
+
+    tc = TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=4 * HIDDEN,
+        moe_ffn_hidden_size=FFN, num_moe_experts=EXPERTS, moe_router_topk=TOPK, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
+        params_dtype=torch.float32, moe_grouped_gemm=grouped, moe_token_dispatcher_type=dispatcher_type,
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
+        moe_expert_capacity_factor=capacity, moe_token_drop_policy="probs",
+    )
+    torch.manual_seed(0)
+    return build_module(moe_spec(EXPERTS, grouped), config=tc, layer_number=1)
+
+
+def fwd_bwd(layer, x, padding_mask):
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out, _ = layer(x, padding_mask=padding_mask)
+    g = torch.Generator().manual_seed(9)
+    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("dispatcher_type", ["alltoall", "allgather"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_experts", "sequential_mlp"])
+def test_moe_layer_with_local_dispatch_equals_megatron_dispatcher(groups, dispatcher_type, grouped):
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
+
+    from megatune.layers.local_dispatch import LocalTokenDispatcher
+
+    layer = moe_layer(dispatcher_type, grouped=grouped)
+    assert isinstance(layer.token_dispatcher, LocalTokenDispatcher)
+    megatron_cls = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
+    reference = megatron_cls(layer.num_local_experts, layer.local_expert_indices, config=layer.config,
+                             pg_collection=layer.token_dispatcher_pg)
+    s, b = 6, 2
+    x = torch.randn(s, b, HIDDEN, generator=torch.Generator().manual_seed(4))
+    padding_mask = torch.zeros(b, s, dtype=torch.bool)
+    padding_mask[1, 4:] = True  # the last two positions of sequence 1 are padding
+    got = fwd_bwd(layer, x, padding_mask)
+    local, layer.token_dispatcher = layer.token_dispatcher, reference
+    want = fwd_bwd(layer, x, padding_mask)
+    layer.token_dispatcher = local
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        assert torch.equal(got[2][name], want[2][name]), name
+
+
+def test_token_dropping_keeps_megatron_dispatcher(groups):
+    from megatune.layers.local_dispatch import LocalTokenDispatcher
+
+    layer = moe_layer("alltoall", capacity=1.0)
+    assert not isinstance(layer.token_dispatcher, LocalTokenDispatcher)
