@@ -113,6 +113,33 @@ def breakdown(prof, wall_us: float) -> dict:
     }
 
 
+def transient_at_peak(snapshot: dict, top: int = 12) -> dict:
+    """From a torch.cuda.memory snapshot recorded over one step: the allocations made during the
+    step that were alive at its peak, grouped by their innermost megatune/megatron/torch-optim
+    Python frames (GB per group), and the peak above the step's starting level."""
+    trace = [e for dev in snapshot["device_traces"] for e in dev]
+    live: dict[int, dict] = {}
+    cur = peak = 0
+    at_peak: list[dict] = []
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+            if cur > peak:
+                peak, at_peak = cur, list(live.values())
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            cur -= live.pop(e["addr"])["size"]
+    groups: dict[str, int] = {}
+    for e in at_peak:
+        frames = [f for f in e.get("frames", []) if re.search(r"megatune|megatron|optim|autograd", f["filename"])]
+        key = " < ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in frames[:3]) or "?"
+        groups[key] = groups.get(key, 0) + e["size"]
+    return {
+        "step_peak_above_start_gb": round(peak / 1024**3, 2),
+        "alive_at_peak_gb": {k: round(v / 1024**3, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:top]},
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # One megatune path (child process)
 
@@ -147,8 +174,9 @@ def run_megatune(args) -> dict:
         "gradient_accumulation_fusion": fast,
         "cross_entropy_loss_fusion": fast,
     }
+    overrides.update(args.overrides)
     config = load_config(None, overrides)
-    layout = derive_layout(config, 1)
+    layout = derive_layout(config, int(os.environ.get("WORLD_SIZE", "1")))
     init_distributed(layout, seed=0)  # installs the fast path's kernels on CUDA (layers/fused.py)
     installed = []
     if fast and torch.cuda.is_available():
@@ -196,16 +224,25 @@ def run_megatune(args) -> dict:
             batches.append(b)
         return batches
 
-    per_step = bundle.step_flops([args.seq_len] * (args.micro_batch * args.grad_accum))
+    # Every data-parallel rank runs grad_accum micro-batches; model FLOPs per GPU divide the
+    # global batch's FLOPs by the world size (as engine/metrics.py does).
+    per_step = bundle.step_flops([args.seq_len] * (args.micro_batch * args.grad_accum * layout.dp)) / layout.world_size
     times, losses = [], []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    snapshot = None
     for step in range(args.warmup + args.steps):
         batches = step_batches()
         sync()
+        record = args.memory_snapshot and step == 1 and torch.cuda.is_available()
+        if record:  # the second step: Adam's states exist, as in every later step
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         start = time.perf_counter()
         result = train_step(stage, bundle.provider, model, optimizer, batches)
         sync()
+        if record:
+            snapshot = transient_at_peak(torch.cuda.memory._snapshot())
+            torch.cuda.memory._record_memory_history(enabled=None)
         times.append(time.perf_counter() - start)
         losses.append(result.loss)
         if step < 2 and torch.cuda.is_available():
@@ -245,10 +282,19 @@ def run_megatune(args) -> dict:
         print(cprof, file=sys.stderr)
     timed = times[args.warmup:]
     step_s = sum(timed) / len(timed)
-    tokens = args.micro_batch * args.grad_accum * args.seq_len
+    tokens = args.micro_batch * args.grad_accum * args.seq_len * layout.dp / layout.world_size
     tflops = per_step / step_s / 1e12
+    peak = peak_memory_gb()
+    if layout.world_size > 1:  # the largest rank's peak
+        import torch.distributed as dist
+
+        t = torch.tensor([peak], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        peak = t.item()
     return {
         "run": f"megatune {args.path}",
+        "layout": {k: getattr(layout, k) for k in ("world_size", "tp", "pp", "ep", "dp")},
+        "overrides": args.overrides,
         "shape": args.shape,
         "seq_len": args.seq_len,
         "micro_batch": args.micro_batch,
@@ -260,8 +306,9 @@ def run_megatune(args) -> dict:
         "tokens_per_s_per_gpu": tokens / step_s,
         "tflops_per_gpu": tflops,
         "mfu": tflops / PEAK_TFLOPS,
-        "peak_mem_gb": peak_memory_gb(),
+        "peak_mem_gb": peak,
         "memory_gb": memory,
+        "memory_snapshot": snapshot,
         "losses": [round(x, 5) for x in losses],
         "flop_formula": FLOP_FORMULA,
         "profile": prof_out,
@@ -317,20 +364,33 @@ def main() -> None:
     parser.add_argument("--ce_chunk", type=int, default=2048)
     parser.add_argument("--no_fused_adam", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--memory_snapshot", action="store_true",
+                        help="record the second step's allocations; report those alive at its peak")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs (torch.distributed.run, one host)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="megatune config keys for the megatune paths, e.g. tensor_model_parallel_size=2")
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     args.model_dir = args.model_dir or f"/tmp/{args.shape}"
+    import yaml
+
+    args.overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.path:  # child
         args.profile = args.path in args.profile
         args.cprofile = args.path in args.cprofile
-        emit(run_megatune(args), None)
+        row = run_megatune(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            emit(row, None)
         return
     ensure_model(args.shape, args.model_dir)
     if "hf" in args.baseline:
         for precision in ("amp", "bf16"):
             emit(run_hf(args, precision), args.out)
     for path in args.paths:
-        cmd = [sys.executable, __file__, "--path", path] + [a for a in sys.argv[1:]]
+        launcher = [sys.executable]
+        if args.gpus > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
+        cmd = launcher + [__file__, "--path", path] + [a for a in sys.argv[1:]]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         rows = [x for x in proc.stdout.splitlines() if x.startswith("{")]
