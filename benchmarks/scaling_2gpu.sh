@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's two-GPU measurements on one host (H200 x2), each beside its 1-GPU baseline in the
 # same call; every run is benchmarks/throughput.py's fast path (random weights, synthetic tokens).
-#   bash benchmarks/scaling_2gpu.sh OUT_DIR dense   -- Qwen3-1.7B, seq 4096: 1 GPU vs DP=2 with the
-#        overlap options off and on (micro-batch 2 x 4 per rank); Qwen3-8B (36 layers) on 2 GPUs,
+#   bash benchmarks/scaling_2gpu.sh OUT_DIR dense [no8b] -- Qwen3-1.7B, seq 4096: 1 GPU vs DP=2 with
+#        the overlap options off, on, and on with 400M-parameter buckets (micro-batch 2 x 4 per rank); Qwen3-8B (36 layers) on 2 GPUs,
 #        DP=2 with the distributed optimizer and overlap (PP=2 if that does not fit)
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR moe     -- Qwen3-30B-A3B shape, 4 layers: 1 GPU vs DP=2
 #        and EP=2 (micro-batch 4 x 2 per rank), and transformers bf16 at micro-batch 4 on 1 GPU
@@ -19,6 +19,8 @@ case $what in
     CUDA_VISIBLE_DEVICES=0 $b
     $b --gpus 2
     $b --gpus 2 --set $overlap
+    $b --gpus 2 --set $overlap ddp_bucket_size=400000000
+    [ "${3:-}" = no8b ] && exit 0
     b="$t --shape qwen3-8b --steps 3 --warmup 2 --micro_batch 1 --grad_accum 8 --gpus 2"
     $b --set $overlap || true
     grep -q '"run": "megatune fast", "error"' <(tail -1 $out/throughput.jsonl) && \
@@ -26,7 +28,7 @@ case $what in
     ;;
   moe)
     b="$t --shape qwen3-30b-a3b-4l --steps 4 --warmup 3 --micro_batch 4 --grad_accum 2"
-    CUDA_VISIBLE_DEVICES=0 $b --baseline hf
+    CUDA_VISIBLE_DEVICES=0 $b --baseline hf_bf16
     $b --gpus 2
     $b --gpus 2 --set expert_model_parallel_size=2
     ;;

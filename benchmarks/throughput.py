@@ -358,7 +358,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--paths", nargs="*", default=["plain", "fast"], choices=["plain", "fast", "fast-nocompile"])
-    parser.add_argument("--baseline", nargs="*", default=[], help="'hf' runs transformers amp and bf16")
+    parser.add_argument("--baseline", nargs="*", default=[], help="'hf' runs transformers amp and bf16; 'hf_amp' or 'hf_bf16' one of them")
     parser.add_argument("--profile", nargs="*", default=[], help="paths to profile (2 extra steps)")
     parser.add_argument("--cprofile", nargs="*", default=[], help="paths to run one step under cProfile")
     parser.add_argument("--ce_chunk", type=int, default=2048)
@@ -383,8 +383,8 @@ def main() -> None:
             emit(row, None)
         return
     ensure_model(args.shape, args.model_dir)
-    if "hf" in args.baseline:
-        for precision in ("amp", "bf16"):
+    for precision in ("amp", "bf16"):
+        if "hf" in args.baseline or f"hf_{precision}" in args.baseline:
             emit(run_hf(args, precision), args.out)
     for path in args.paths:
         launcher = [sys.executable]
