@@ -114,6 +114,12 @@ def test_tokenized_path_caches_reloads_and_refuses_other_settings(tokenizer, tmp
     assert "EDITED" in "".join(tokenizer.decode(s.input_ids) for s in fresh)
     reloaded, _ = build_samples(config_for(**settings, cutoff_len=128), tokenizer)
     assert [s.input_ids for s in reloaded] == [s.input_ids for s in fresh]
+    # A cache encoded under older encoding rules (before the key existed) is refused too.
+    fingerprint_file = Path(cache) / "megatune_encoding.json"
+    saved = json.loads(fingerprint_file.read_text())
+    fingerprint_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "encoding_rules"}))
+    with pytest.raises(DataError, match=r"encoding_rules: None there, \d+ now"):
+        build_samples(config_for(**settings, cutoff_len=128), tokenizer)
     # A cache without the fingerprint (interrupted save, or another tool's) is not trusted.
     (Path(cache) / "megatune_encoding.json").unlink()
     with pytest.raises(DataError, match="holds no megatune_encoding.json"):

@@ -390,18 +390,59 @@ def test_cutoff_drops_rows_whose_images_do_not_fit_and_never_cuts_one(tmp_path, 
     assert gave_way > 0  # some budgets would have cut the image without the protection
 
 
-def test_image_truncation_equals_text_truncation_without_images(tokenizer):
-    from megatune.data.multimodal import truncate_image_turns
+def test_image_rows_truncate_like_text_rows_without_images(tokenizer, processing):
+    """Without images the image path cuts exactly as the text path (one budget split for both),
+    with and without train_on_prompt and mask_history."""
     from megatune.data.processors import supervised_sample
 
     conv = _conv(None, "Hello there, how are you?", "Fine, thanks. And you?", "Good.", "Nice to hear it.")
     turns = QWEN2_VL.encode(tokenizer, conv)
     n = sum(len(p) + len(r) for p, r in turns)
     for cutoff in range(1, n + 2):
-        for flags in ((False, False), (True, False), (False, True)):
-            got, want = truncate_image_turns(turns, [0, 0], cutoff, *flags), supervised_sample(turns, cutoff, *flags)
-            assert (got is None and want is None) or (got.input_ids, got.labels, got.truncated) == (
-                want.input_ids, want.labels, want.truncated), (cutoff, flags)
+        for top, mh in ((False, False), (True, False), (False, True)):
+            want = supervised_sample(turns, cutoff, top, mh)
+            try:
+                got = encode_image_conversation(conv, QWEN2_VL, tokenizer, processing, cutoff, train_on_prompt=top,
+                                                mask_history=mh)
+            except DataError:
+                assert want is None, (cutoff, top, mh)
+                continue
+            assert (got.input_ids, got.labels, got.truncated) == (want.input_ids, want.labels, want.truncated), (
+                cutoff, top, mh)
+
+
+def test_mask_history_serves_the_last_turn_first_and_never_cuts_an_image(tmp_path, tokenizer, processing):
+    """mask_history with images: the budget goes to the last turn first (LLaMA-Factory's order);
+    a row is kept iff the history turn holding the image still gets room for its image block,
+    and a kept row has the image whole and learns the last answer."""
+    from megatune.data.multimodal import expand_image_tokens
+    from megatune.data.processors import infer_seqlen
+
+    _png(tmp_path / "a.png", size=(60, 60))
+    conv = _conv(tmp_path, "<image>What colour?", "Red, a bright and warm red.", "And its shape?",
+                 "A square with four equal sides and four right angles.", images=["a.png"])
+    pad, end = _pad_id(tokenizer), tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    turns = expand_image_tokens(QWEN2_VL.encode(tokenizer, conv), pad, [4])
+    (p0, r0), (p1, r1) = turns
+    image_end = p0.index(end) + 1
+    full = len(p0) + len(r0) + len(p1) + len(r1)
+    kept_rows = 0
+    for cutoff in range(1, full + 2):
+        last_p, last_r = infer_seqlen(len(p1), len(r1), cutoff)  # LLaMA-Factory: the last turn first
+        room = cutoff - last_p - last_r
+        try:
+            s = encode_image_conversation(conv, QWEN2_VL, tokenizer, processing, cutoff, mask_history=True,
+                                          dataset_dir=tmp_path)
+        except RowDropped as err:
+            assert room < image_end, cutoff
+            assert "mask_history" in str(err) and f"cutoff_len={cutoff}" in str(err)
+            continue
+        kept_rows += 1
+        assert room >= image_end, cutoff
+        assert s.input_ids.count(pad) == 4 and s.input_ids[:image_end] == p0[:image_end]
+        assert s.input_ids[-(last_p + last_r):] == p1[:last_p] + r1[:last_r]  # the last turn as LF keeps it
+        assert [t for t, lab in zip(s.input_ids, s.labels) if lab != IGNORE] == r1[:last_r]
+    assert 0 < kept_rows < full + 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatune.data.collator import collate, collate_packed, pad_multiple_for
-from megatune.data.processors import IGNORE, Sample, chunk_documents, pack_samples, split_budget, supervised_sample
+from megatune.data.processors import IGNORE, Sample, chunk_documents, infer_seqlen, pack_samples, supervised_sample
 
 
 def doc(tokens, learn_from=0):
@@ -37,11 +37,11 @@ def test_collate_pads_to_multiple_and_masks_padding():
     assert batch.num_loss_tokens == 2 + 1
 
 
-def test_split_budget_keeps_a_sensible_ratio():
-    assert split_budget(10, 10, 100) == (10, 10)
-    assert split_budget(500, 20, 100) == (80, 20)  # short answer kept whole
-    assert split_budget(20, 500, 100) == (20, 80)  # short prompt kept whole
-    p, r = split_budget(300, 100, 100)
+def test_infer_seqlen_keeps_a_sensible_ratio():
+    assert infer_seqlen(10, 10, 100) == (10, 10)
+    assert infer_seqlen(500, 20, 100) == (80, 20)  # short answer kept whole
+    assert infer_seqlen(20, 500, 100) == (20, 80)  # short prompt kept whole
+    p, r = infer_seqlen(300, 100, 100)
     assert p + r == 100 and (p, r) == (75, 25)
 
 

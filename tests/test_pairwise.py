@@ -14,10 +14,10 @@ from megatune.data.pairwise import (
     convert_pairs,
     encode_pair,
     encode_pair_row,
-    infer_seqlen,
     pair_samples,
     truncate_pair,
 )
+from megatune.data.processors import infer_seqlen
 from megatune.data.registry import DataError, load_rows, resolve_datasets
 from megatune.data.templates import get_template
 from megatune.tiny_tokenizer import make_tiny_tokenizer

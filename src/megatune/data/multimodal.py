@@ -36,7 +36,7 @@ from megatune.data.images import (
     ImageRef,
     to_image_ref,
 )
-from megatune.data.processors import IGNORE, Sample, split_budget
+from megatune.data.processors import IGNORE, assemble_turns, keep_lengths
 from megatune.data.registry import DataError
 
 TokenTurns = list[tuple[list[int], list[int]]]
@@ -192,35 +192,6 @@ def _image_blocks_end(turns: TokenTurns, pad_id: int, end_ids: list[int]) -> lis
     return out
 
 
-def truncate_image_turns(turns: TokenTurns, protect: list[int], cutoff_len: int, train_on_prompt: bool = False,
-                         mask_history: bool = False):
-    """`processors.supervised_sample` with a floor on each prompt's kept length (`protect`, from
-    `_image_blocks_end`): where the budget split would cut a prompt inside its images, the answer
-    gives way instead. The caller has checked that every protected length fits. Without images
-    (all floors 0) the result is exactly `supervised_sample`'s. Returns a `Sample` or None when
-    nothing is left to learn."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    truncated = False
-    for i, ((prompt, response), floor) in enumerate(zip(turns, protect)):
-        budget = cutoff_len - len(input_ids)
-        if budget <= 0:
-            truncated = True
-            break
-        keep_p, keep_r = split_budget(len(prompt), len(response), budget)
-        if keep_p < floor:  # never cut into an image's tokens
-            keep_p, keep_r = floor, min(len(response), budget - floor)
-        truncated |= (keep_p, keep_r) != (len(prompt), len(response))
-        prompt, response = prompt[:keep_p], response[:keep_r]
-        learn = not mask_history or i == len(turns) - 1
-        input_ids += prompt + response
-        labels += prompt if train_on_prompt else [IGNORE] * len(prompt)
-        labels += response if learn else [IGNORE] * len(response)
-    if all(label == IGNORE for label in labels):
-        return None
-    return Sample(input_ids, labels, truncated=truncated)
-
-
 def encode_image_conversation(
     conversation: Conversation,
     template,
@@ -238,10 +209,12 @@ def encode_image_conversation(
     Steps: check placeholders; resolve the images (`to_image_ref`) and plan their grids from
     the file headers; render and tokenize with one image token per image (the template's
     `image_text`, as the model's chat template renders it); repeat each image token
-    t*h*w / merge_size**2 times; mask and truncate as text rows (`supervised_sample`) except
-    that a prompt is never cut inside its images (`truncate_image_turns`); mask the image tokens
-    in labels. The row is kept iff its last image block (up to <|vision_end|>) ends within
-    cutoff_len.
+    t*h*w / merge_size**2 times; mask and truncate as text rows (`processors.keep_lengths`,
+    `assemble_turns`) except that a prompt is never cut inside its images (each prompt's floor
+    is the end of its last image block, up to <|vision_end|>); mask the image tokens in labels.
+    The row is kept iff every image block survives whole: without mask_history, iff the last
+    one ends within cutoff_len; with mask_history (the last turn is served first), iff each
+    turn with images still gets room for them.
 
     Raises DataError (bad placeholders, missing/unreadable image, nothing to learn) and
     RowDropped (the images' tokens would be cut by cutoff_len).
@@ -255,19 +228,26 @@ def encode_image_conversation(
     turns = template.encode(tokenizer, conversation, enable_thinking=enable_thinking)
     turns = expand_image_tokens(turns, pad_id, counts, where)
     protect = _image_blocks_end(turns, pad_id, _block_end_ids(tokenizer, template))
-    # The row fits iff every image block ends within cutoff_len (earlier turns are kept whole
-    # up to there, so a prompt's image end lies at the sum of the earlier turns' lengths + floor).
-    offset, needed = 0, 0
-    for (prompt, response), floor in zip(turns, protect):
-        needed = max(needed, offset + floor) if floor else needed
-        offset += len(prompt) + len(response)
-    if needed > cutoff_len:
+    kept = keep_lengths([(len(p), len(r)) for p, r in turns], cutoff_len, mask_history, protect)
+    if any(keep_p < floor for (keep_p, _), floor in zip(kept, protect)):
+        keep_it = "raise cutoff_len or lower image_max_pixels to keep it"
+        if mask_history:  # the budget went to later turns first
+            raise RowDropped(
+                f"{where}: its {len(counts)} image(s) take {sum(counts)} tokens and with mask_history (later turns "
+                f"keep their tokens first) an earlier turn's images do not fit cutoff_len={cutoff_len}; the row is "
+                f"left out (an image is never cut): {keep_it}"
+            )
+        # In dialogue order, earlier turns are whole up to the failing image, which ends at the
+        # sum of the earlier turns' lengths + its floor.
+        offset, needed = 0, 0
+        for (prompt, response), floor in zip(turns, protect):
+            needed = max(needed, offset + floor) if floor else needed
+            offset += len(prompt) + len(response)
         raise RowDropped(
             f"{where}: its {len(counts)} image(s) take {sum(counts)} tokens and its last image ends at token "
-            f"{needed}, beyond cutoff_len={cutoff_len}; the row is left out (an image is never cut): raise "
-            f"cutoff_len or lower image_max_pixels to keep it"
+            f"{needed}, beyond cutoff_len={cutoff_len}; the row is left out (an image is never cut): {keep_it}"
         )
-    sample = truncate_image_turns(turns, protect, cutoff_len, train_on_prompt, mask_history)
+    sample = assemble_turns(turns, kept, train_on_prompt, mask_history)
     if sample is None:
         raise DataError(f"{where}: nothing left to learn after truncation to cutoff_len={cutoff_len}")
     labels = [IGNORE if tid == pad_id else label for tid, label in zip(sample.input_ids, sample.labels)]

@@ -37,7 +37,7 @@ from megatune.data.converters import (
     required_column,
     text_value,
 )
-from megatune.data.processors import IGNORE, Sample
+from megatune.data.processors import IGNORE, Sample, infer_seqlen
 from megatune.data.registry import DataError, DatasetSpec, describe_row
 
 SIDES = ("chosen", "rejected")
@@ -214,29 +214,9 @@ def encode_pair(template, tokenizer, pair: PreferencePair, enable_thinking: bool
     return EncodedPair(prompt_ids, ids["chosen"], ids["rejected"])
 
 
-def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
-    """LLaMA-Factory's truncation rule (data/processor/processor_utils.py), reproduced exactly:
-    how many prompt (source) and response (target) tokens to keep under `cutoff_len`.
-
-    A response shorter than half the budget is kept whole; else a prompt shorter than half is
-    kept whole and the response gets the rest; else the budget is split in proportion to the
-    lengths, int(cutoff_len * target / (source + target)) for the response (float arithmetic, as
-    there). The prompt gets what the response leaves. Sequences that fit are kept whole.
-    """
-    if target_len * 2 < cutoff_len:
-        max_target = cutoff_len
-    elif source_len * 2 < cutoff_len:
-        max_target = cutoff_len - source_len
-    else:
-        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
-    new_target = min(max_target, target_len)
-    new_source = min(max(cutoff_len - new_target, 0), source_len)
-    return new_source, new_target
-
-
 def truncate_pair(encoded: EncodedPair, cutoff_len: int) -> tuple[EncodedPair, bool]:
     """Cut a pair to at most `cutoff_len` tokens per sample (LLaMA-Factory's pairwise rule: the
-    response budget comes from infer_seqlen with the LONGER of chosen and rejected, and both
+    response budget comes from processors.infer_seqlen with the LONGER of chosen and rejected, and both
     responses are cut to it). Returns (the cut pair, whether anything was cut)."""
     longer = max(len(encoded.chosen_ids), len(encoded.rejected_ids))
     keep_prompt, keep_response = infer_seqlen(len(encoded.prompt_ids), longer, cutoff_len)
@@ -303,7 +283,6 @@ __all__ = [
     "convert_pairs",
     "encode_pair",
     "encode_pair_row",
-    "infer_seqlen",
     "pair_samples",
     "to_preference_pair",
     "truncate_pair",

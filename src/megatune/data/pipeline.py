@@ -19,6 +19,10 @@ from megatune.data.registry import DataError
 from megatune.stages import get_stage
 
 FINGERPRINT = "megatune_encoding.json"  # beside the cached dataset in tokenized_path
+# The version of megatune's encoding rules (templates, truncation); a cache encoded under other
+# rules is refused like one encoded with other settings. 2: LLaMA-Factory 0.9.5's truncation
+# (mask_history serves the last turn first, its length split) and per-message tokenization.
+ENCODING_RULES = 2
 
 
 _clamp_said = False
@@ -61,6 +65,7 @@ def encoding_fingerprint(config: Config, tokenizer) -> dict:
     d = config.data
     vocab = repr(sorted((str(token), index) for token, index in tokenizer.get_vocab().items()))
     return {
+        "encoding_rules": ENCODING_RULES,
         "stage": config.training.stage,
         "dataset": d.dataset,
         "dataset_dir": os.path.abspath(d.dataset_dir),

@@ -5,9 +5,11 @@ header, a response is the answer plus its end-of-turn tokens). Where a model shi
 template, ours renders the same tokens as `tokenizer.apply_chat_template` (see the tests).
 `auto` uses the tokenizer's own chat template and finds the turn boundaries by rendering prefixes.
 
-Every template works in text first (`render` -> [(prompt_text, response_text)]); `encode`
-tokenizes the whole text once and splits the ids at the turn boundaries, so the concatenated ids
-are exactly the tokenization of the full rendering.
+Every template works in text first (`render` -> [(prompt_text, response_text)]). Named
+templates then tokenize each prompt and each answer on their own, as LLaMA-Factory does
+(`tokenize_segments`), so every answer character is in the answer's tokens; `auto` tokenizes
+the whole text once and cuts the ids at the turn boundaries (`tokenize_turns`), falling back to
+the former where a token would cross one.
 """
 
 from __future__ import annotations
@@ -166,23 +168,24 @@ class Template:
     # -- public API ---------------------------------------------------------------------------
 
     def encode(self, tokenizer, conversation: Conversation, enable_thinking: bool = True) -> TokenTurns:
-        """(prompt_ids, response_ids) per answer; their concatenation tokenizes the full text."""
-        return tokenize_turns(tokenizer, self.render(conversation, tokenizer, enable_thinking))
+        """(prompt_ids, response_ids) per answer, LLaMA-Factory's way (`tokenize_segments`):
+        every prompt and every response is tokenized on its own, and the first prompt's head
+        (prefix + system block) apart from the rest, so an answer's tokens are exactly the
+        tokenization of the answer text. Where prompt and answer meet at a special token or a
+        newline (chatml, qwen, llama3) this equals tokenizing the whole rendering, which the
+        tests check against the models' own chat templates."""
+        turns = self.render(conversation, tokenizer, enable_thinking)
+        ctx = self._context(tokenizer, enable_thinking)
+        return tokenize_segments(tokenizer, turns, head=self._head(self._system_text(conversation), ctx))
 
     def render(self, conversation: Conversation, tokenizer=None, enable_thinking: bool = True) -> TextTurns:
         """(prompt_text, response_text) per answer. A conversation that ends on the prompt side
         gets a last turn (prompt + generation header, "")."""
-        ctx = SimpleNamespace(
-            bos=(getattr(tokenizer, "bos_token", None) or ""),
-            eos=(getattr(tokenizer, "eos_token", None) or ""),
-            enable_thinking=enable_thinking,
-        )
+        ctx = self._context(tokenizer, enable_thinking)
         msgs = conversation.messages
         ctx.last_query = _last_query_index(msgs)
         system = self._system_text(conversation)
-        prompt = self._fill(self.prefix, ctx)
-        if system and not self.system_in_user:
-            prompt += self._fill(self.system, ctx, system)
+        prompt = self._head(system, ctx)
         turns: TextTurns = []
         first_user, i = True, 0
         while i < len(msgs):
@@ -213,6 +216,22 @@ class Template:
         if prompt or not turns:
             turns.append((prompt + self._generation_prompt(ctx), ""))
         return turns
+
+    @staticmethod
+    def _context(tokenizer, enable_thinking: bool) -> SimpleNamespace:
+        return SimpleNamespace(
+            bos=(getattr(tokenizer, "bos_token", None) or ""),
+            eos=(getattr(tokenizer, "eos_token", None) or ""),
+            enable_thinking=enable_thinking,
+        )
+
+    def _head(self, system: str, ctx) -> str:
+        """What opens the first prompt before the first user message: the prefix and the
+        system block (empty when the system text goes into the first user turn)."""
+        head = self._fill(self.prefix, ctx)
+        if system and not self.system_in_user:
+            head += self._fill(self.system, ctx, system)
+        return head
 
     # -- pieces subclasses override -----------------------------------------------------------
 
@@ -323,6 +342,11 @@ class AutoTemplate(Template):
     """Renders with `tokenizer.chat_template`; an answer's prompt ends where the conversation
     before it, rendered with the generation prompt, stops matching the full rendering."""
 
+    def encode(self, tokenizer, conversation: Conversation, enable_thinking: bool = True) -> TokenTurns:
+        """(prompt_ids, response_ids) per answer: the tokens of the chat template's full
+        rendering, cut at the turn boundaries (`tokenize_turns`)."""
+        return tokenize_turns(tokenizer, self.render(conversation, tokenizer, enable_thinking))
+
     def render(self, conversation: Conversation, tokenizer=None, enable_thinking: bool = True) -> TextTurns:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'auto' needs a tokenizer with a chat_template")
@@ -389,22 +413,49 @@ def _common_prefix(a: str, b: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def tokenize_turns(tokenizer, turns: TextTurns) -> TokenTurns:
-    """Tokenize the concatenated text once (no special tokens added) and cut the ids at the turn
-    boundaries (a token belongs to the segment where it starts). Slow tokenizers: per segment."""
+def tokenize_segments(tokenizer, turns: TextTurns, head: str = "") -> TokenTurns:
+    """Text turns [(prompt, response), ...] -> token turns, tokenizing every prompt and every
+    response on its own (no special tokens added), as LLaMA-Factory encodes each message on its
+    own; `head`, when the first prompt starts with it (a named template's prefix + system
+    block), is tokenized apart from the rest of that prompt, as LLaMA-Factory encodes the
+    system slot apart from the first user message. So no token spans a prompt and an answer:
+    every answer character is in the answer's tokens."""
     segments = [s for turn in turns for s in turn]
-    full = "".join(segments)
+    pieces = list(segments)
+    if head and segments and segments[0].startswith(head) and len(segments[0]) > len(head):
+        pieces[0:1] = [head, segments[0][len(head):]]
+    present = [p for p in pieces if p]
+    encoded = iter(tokenizer(present, add_special_tokens=False)["input_ids"] if present else [])
+    ids = [list(next(encoded)) if p else [] for p in pieces]
+    if len(pieces) > len(segments):
+        ids[0:2] = [ids[0] + ids[1]]
+    return [(ids[2 * t], ids[2 * t + 1]) for t in range(len(turns))]
+
+
+def tokenize_turns(tokenizer, turns: TextTurns) -> TokenTurns:
+    """Text turns [(prompt, response), ...] -> token turns, keeping the tokens of the full text.
+
+    The concatenated text is tokenized once (no special tokens added) and the ids are cut at
+    the turn boundaries, so the ids are exactly those of the full rendering (what the model's
+    chat template gives; used by `auto`). A token that crosses a boundary (a prompt ending in
+    spaces, an answer starting with a newline after a header ending in one) would put the
+    start of an answer into the prompt, never to be learned; then, and for slow tokenizers
+    (no offsets), each segment is tokenized on its own (`tokenize_segments`).
+    """
+    segments = [s for turn in turns for s in turn]
     if not getattr(tokenizer, "is_fast", False):
-        ids = [tokenizer.encode(s, add_special_tokens=False) if s else [] for s in segments]
-        return [(ids[2 * t], ids[2 * t + 1]) for t in range(len(turns))]
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        return tokenize_segments(tokenizer, turns)
+    enc = tokenizer("".join(segments), add_special_tokens=False, return_offsets_mapping=True)
     ends, pos = [], 0
     for s in segments:
         pos += len(s)
         ends.append(pos)
     parts: list[list[int]] = [[] for _ in segments]
-    for tid, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
-        parts[min(bisect.bisect_right(ends, start), len(parts) - 1)].append(tid)
+    for tid, (start, stop) in zip(enc["input_ids"], enc["offset_mapping"]):
+        k = min(bisect.bisect_right(ends, start), len(parts) - 1)  # the segment the token starts in
+        if stop > ends[k]:  # it runs into the next segment
+            return tokenize_segments(tokenizer, turns)
+        parts[k].append(tid)
     return [(parts[2 * t], parts[2 * t + 1]) for t in range(len(turns))]
 
 
