@@ -174,9 +174,11 @@ def test_a_worker_error_ends_every_rank_with_one_message(tmp_path, model_dir):
     assert result.stderr.count("Traceback") == 1
 
 
-def test_sigterm_to_the_launcher_saves_even_with_stdout_gone(tmp_path, model_dir):
-    """`megatune train | tee log`, tee dies, then the scheduler's SIGTERM reaches the launcher:
-    both workers save, nobody crashes on the closed pipe, exit code 128 + SIGTERM, no traceback."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_a_signal_to_the_launcher_saves_even_with_stdout_gone(tmp_path, model_dir, signum):
+    """`megatune train | tee log`, tee dies, then the scheduler's SIGTERM (or the user's Ctrl-C,
+    SIGINT) reaches the launcher: both workers save, nobody crashes on the closed pipe, exit code
+    128 + the signal, no traceback."""
     config = write_config(tmp_path, model_dir, nproc_per_node=2, max_steps=100000)
     proc = subprocess.Popen([sys.executable, "-m", "megatune", "train", str(config)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -186,13 +188,26 @@ def test_sigterm_to_the_launcher_saves_even_with_stdout_gone(tmp_path, model_dir
         if "step 1/" in line or time.time() > deadline:
             break
     proc.stdout.close()  # the reader is gone: every later print hits a broken pipe
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stderr = proc.stderr.read()
     proc.wait(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr[-3000:]
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     saved = sorted((tmp_path / "out").glob("checkpoint-*"))
     assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
+
+
+def test_a_setting_only_megatron_checks_fails_in_the_launcher(tmp_path):
+    """A setting our config accepts but Megatron's TransformerConfig refuses (padding expert
+    inputs to a capacity that is not set) fails before any worker starts: one line, exit 2."""
+    moe = make_tiny_model("qwen3_moe", str(tmp_path / "moe"), seed=3, with_tokenizer=True)
+    config = write_config(tmp_path, moe, nproc_per_node=2, moe_pad_expert_input_to_capacity=True)
+    result = run_megatune("train", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["megatune: error: Megatron refuses this model configuration: moe_expert_capacity_factor "
+                     "must be set to use moe_pad_expert_input_to_capacity"], lines
+    assert not (tmp_path / "out").exists()  # no worker ran
 
 
 def _data_error(tmp_path, model_dir, lines: list[str], **entry) -> str:
