@@ -248,10 +248,31 @@ def _worker():
     dist.destroy_process_group()
 
 
+def _tensors(folder) -> dict:
+    from megatune.models.hf_io import SafetensorsSource
+
+    src = SafetensorsSource(folder)
+    return {n: src.read(n) for n in src.file_of}
+
+
+def _export_alone(checkpoint, out) -> dict:
+    """`megatune export` of a checkpoint in this process, as one rank (TP=1)."""
+    from megatune.config import validate
+    from megatune.distributed import init_distributed, shutdown
+    from megatune.export import export_config, run_export
+
+    config = export_config(str(checkpoint), {})
+    init_distributed(validate(config, 1), seed=0)
+    try:
+        run_export(config, str(checkpoint), str(out), None)
+    finally:
+        shutdown()
+    return _tensors(out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo test")
 def test_tp2_odd_vocabulary_trains_verifies_and_exports_like_transformers(tmp_path):
     from megatune.distributed import free_port
-    from megatune.models.hf_io import SafetensorsSource
     from megatune.tiny import make_tiny_model
     from tests.test_train import BASE, hf_step, log_rows
 
@@ -259,7 +280,7 @@ def test_tp2_odd_vocabulary_trains_verifies_and_exports_like_transformers(tmp_pa
     make_tiny_model("qwen2", str(tmp_path / "tied"), seed=4, vocab_size=ODD_VOCAB, tie_word_embeddings=True)
     layout = dict(nproc_per_node=2, tensor_model_parallel_size=2, max_steps=1, save_steps=1000)
     runs = {"plain": dict(learning_rate=0.0),
-            "fused": dict(learning_rate=1e-2, weight_decay=0.1, max_steps=2, sequence_parallel=True)}
+            "fused": dict(learning_rate=1e-2, weight_decay=0.1, max_steps=2, save_steps=2, sequence_parallel=True)}
     values = {}
     for name, overrides in runs.items():
         values[name] = {**BASE, **layout, **overrides, "model_name_or_path": untied,
@@ -287,18 +308,18 @@ def test_tp2_odd_vocabulary_trains_verifies_and_exports_like_transformers(tmp_pa
         assert row["loss"] == pytest.approx(ref_loss, rel=1e-5), name
         assert row["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), name
 
-    def tensors(folder):
-        src = SafetensorsSource(folder)
-        return {n: src.read(n) for n in src.file_of}
-
     # learning rate 0 and verify's export: the HF checkpoint comes back bit for bit, padding stripped
     for model, exported in (("untied", "plain_out"), ("untied", "untied_export"), ("tied", "tied_export")):
-        before, after = tensors(tmp_path / model), tensors(tmp_path / exported)
+        before, after = _tensors(tmp_path / model), _tensors(tmp_path / exported)
         assert before.keys() == after.keys(), exported
         assert all(torch.equal(before[k], after[k]) for k in before), exported
-    trained = tensors(tmp_path / "fused_out")  # trained weights: HF shapes, and they did change
+    trained = _tensors(tmp_path / "fused_out")  # trained weights: HF shapes, and they did change
     assert trained["model.embed_tokens.weight"].shape == (ODD_VOCAB, 64)
-    assert not torch.equal(trained["lm_head.weight"], tensors(tmp_path / "untied")["lm_head.weight"])
+    assert not torch.equal(trained["lm_head.weight"], _tensors(tmp_path / "untied")["lm_head.weight"])
+    # the TP=2 checkpoint (768 padded rows) exported by one process (TP=1: 515 rows, no padding)
+    # gives the same tensors as the trained model's own TP=2 export
+    resharded = _export_alone(tmp_path / "fused_out" / "checkpoint-2", tmp_path / "tp1_export")
+    assert resharded.keys() == trained.keys() and all(torch.equal(resharded[k], trained[k]) for k in trained)
     # verify: the real vocabulary's logits equal transformers'
     diffs = [line for line in proc.stdout.splitlines() if line.startswith("max_abs_diff=")]
     assert len(diffs) == 2 and all(line.endswith("PASS") for line in diffs), diffs
