@@ -168,6 +168,9 @@ def test_launcher_accepts_a_vocabulary_tp_does_not_divide_and_says_it_pads(tmp_p
 # ---- two gloo processes: training steps, verify and export at TP=2 ---------------------------------
 
 
+PADDED_MAX: dict = {}  # Megatron parameter name -> largest |padded row value| seen at export, this rank
+
+
 def _export_checking_padding(original):
     """The trainer's final export, first recording on this rank the largest |value| in the
     padded rows of the embedding and output layer (they must still be exactly zero)."""
@@ -189,23 +192,19 @@ def _export_checking_padding(original):
     return export
 
 
-PADDED_MAX: dict = {}
-
-
 def _worker():
     """Under torch.distributed.run: argv = the test folder. Runs, in one process group: an lr-0
     training step on the plain path, two steps (lr > 0, weight decay) on the chunked
     cross-entropy path forced on for CPU, and `megatune verify --export_path` of an untied and
     a tied model. One RESULT line per rank."""
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
+    import megatune.distributed as md
     import megatune.layers.cross_entropy as ce
     import megatune.models.build as build
     import megatune.models.weights as weights
     from megatune.cli import main
-
-    import megatune.distributed as md
-    from megatron.core import parallel_state as ps
 
     # One process group for all four runs: each run builds and drops only Megatron's groups.
     # (Re-creating the default group would reuse the first run's group names in torchrun's store.)
@@ -280,7 +279,9 @@ def test_tp2_odd_vocabulary_trains_verifies_and_exports_like_transformers(tmp_pa
     make_tiny_model("qwen2", str(tmp_path / "tied"), seed=4, vocab_size=ODD_VOCAB, tie_word_embeddings=True)
     layout = dict(nproc_per_node=2, tensor_model_parallel_size=2, max_steps=1, save_steps=1000)
     runs = {"plain": dict(learning_rate=0.0),
-            "fused": dict(learning_rate=1e-2, weight_decay=0.1, max_steps=2, save_steps=2, sequence_parallel=True)}
+            # 1536 rows: TP rank 1 holds padding only (its log-sum-exp is -inf)
+            "fused": dict(learning_rate=1e-2, weight_decay=0.1, max_steps=2, save_steps=2, sequence_parallel=True,
+                          make_vocab_size_divisible_by=768)}
     values = {}
     for name, overrides in runs.items():
         values[name] = {**BASE, **layout, **overrides, "model_name_or_path": untied,
@@ -299,6 +300,7 @@ def test_tp2_odd_vocabulary_trains_verifies_and_exports_like_transformers(tmp_pa
         for key in ("plain_padded_max", "fused_padded_max"):  # padded rows: zero, even after 2 AdamW steps
             assert r[key] and set(r[key].values()) == {0.0}, r
     assert f"vocabulary of {ODD_VOCAB} padded to 768 rows" in proc.stdout
+    assert f"vocabulary of {ODD_VOCAB} padded to 1536 rows" in proc.stdout
 
     # one training step: loss and grad norm of transformers on the same global batch
     for name in runs:
@@ -316,7 +318,7 @@ def test_tp2_odd_vocabulary_trains_verifies_and_exports_like_transformers(tmp_pa
     trained = _tensors(tmp_path / "fused_out")  # trained weights: HF shapes, and they did change
     assert trained["model.embed_tokens.weight"].shape == (ODD_VOCAB, 64)
     assert not torch.equal(trained["lm_head.weight"], _tensors(tmp_path / "untied")["lm_head.weight"])
-    # the TP=2 checkpoint (768 padded rows) exported by one process (TP=1: 515 rows, no padding)
+    # the TP=2 checkpoint (1536 padded rows) exported by one process (TP=1: 515 rows, no padding)
     # gives the same tensors as the trained model's own TP=2 export
     resharded = _export_alone(tmp_path / "fused_out" / "checkpoint-2", tmp_path / "tp1_export")
     assert resharded.keys() == trained.keys() and all(torch.equal(resharded[k], trained[k]) for k in trained)

@@ -92,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, local, in_range, lse = ctx.saved_tensors
         chunk, real = ctx.chunk, ctx.real
         grad_loss = grad_loss.contiguous()
-        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden = torch.empty_like(hidden) if real else torch.zeros_like(hidden)  # no real rows: no gradient
         # fp32 accumulator: the chunks' weight gradients are summed before one rounding to the
         # weight's dtype, as the plain path's single GEMM does. Padded rows keep zero gradient.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
