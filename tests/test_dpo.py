@@ -116,7 +116,9 @@ def test_step_one_matches_the_formula_on_transformers_log_probs(tmp_path, models
 
 LAYOUTS = {
     "dp2": dict(nproc_per_node=2, pref_loss="sigmoid"),
-    "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True, pref_loss="ipo"),
+    # with the 512-entry vocabulary padded to 768 rows (layers/vocab_padding.py), for policy and reference
+    "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True, pref_loss="ipo",
+                   make_vocab_size_divisible_by=384),
     "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2, pref_loss="sigmoid"),
 }
 

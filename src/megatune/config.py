@@ -142,6 +142,7 @@ class ParallelSection:
     gradient_accumulation_fusion: bool = True  # weight grads added straight into the fp32 main_grad
     cross_entropy_loss_fusion: bool = True  # chunked output-layer + cross-entropy, no full fp32 logits
     transformer_impl: str = "local"  # layer implementation: local (torch-native, tested) or transformer_engine
+    make_vocab_size_divisible_by: Optional[int] = None  # pad the vocabulary to a multiple of this x TP (Megatron's rule); null: by 128, only when TP does not divide it
     nproc_per_node: int = 1
 
 
@@ -462,6 +463,9 @@ def validate(config: Config, world_size: int, hf_config: Optional[dict] = None) 
             f"expert_tensor_parallel_size x pipeline_model_parallel_size = {ep}x{etp}x{pp}"
             + _nproc_hint(world_size, math.lcm(tp * pp * cp, ep * etp * pp))
         )
+    if p.make_vocab_size_divisible_by is not None and p.make_vocab_size_divisible_by < 1:
+        problems.append(f"make_vocab_size_divisible_by={p.make_vocab_size_divisible_by} must be at least 1 "
+                        "(or null: pad only when tensor_model_parallel_size does not divide the vocabulary)")
     if p.sequence_parallel and tp == 1:
         problems.append("sequence_parallel: true needs tensor_model_parallel_size > 1")
     if p.virtual_pipeline_model_parallel_size is not None and pp == 1:

@@ -39,12 +39,14 @@ class VerifyResult:
 
 
 def megatron_logits(bundle: ModelBundle, batch_inputs: Batch) -> torch.Tensor | None:
-    """Full-vocabulary logits [b, s, v] on the last pipeline stage, None elsewhere."""
+    """Full-vocabulary logits [b, s, v] on the last pipeline stage, None elsewhere: the HF
+    vocabulary's v columns, without the rows padded for tensor parallelism (-inf there)."""
     batch, seq_len = batch_inputs.tokens.shape
     captured: list[torch.Tensor] = []
 
     def loss_func(output: torch.Tensor):
-        captured.append(tensor_parallel.gather_from_tensor_model_parallel_region(output).float())
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(output)
+        captured.append(full[..., : bundle.vocab_size].float())
         return output.sum() * 0.0, {}
 
     def forward_step(data_iterator, model):

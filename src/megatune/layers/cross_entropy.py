@@ -18,6 +18,10 @@ DPO-style per-sequence sums), not only for a token mean.
 Under tensor parallelism the weight is this rank's vocab shard [V/tp, h]; the per-chunk
 log-sum-exp is combined over the TP group (all-gather of [chunk] fp32) and the target logit
 summed (all-reduce of [chunk]), as Megatron's vocab-parallel cross-entropy does.
+
+A vocabulary padded for tensor parallelism (layers/vocab_padding.py) passes its real size:
+each rank multiplies in only its real rows, so padded columns take no part in the softmax
+(the same as -inf logits) and their weight rows get zero gradient.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatune.layers.fused import compiled_for_cuda, accumulate_wgrad
+from megatune.layers.vocab_padding import real_rows
 
 DEFAULT_CHUNK_TOKENS = 2048
 
@@ -56,19 +61,22 @@ def _fn(fn: Callable, x: torch.Tensor) -> Callable:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk, tp_group):
+    def forward(ctx, hidden, weight, target, chunk, tp_group, vocab_size):
         tokens, vocab_local = hidden.shape[0], weight.shape[0]
         tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
         first = (dist.get_rank(tp_group) if tp > 1 else 0) * vocab_local
+        # Rows past the real vocabulary (padding) are never multiplied in: probability 0.
+        real = vocab_local if vocab_size is None else real_rows(vocab_size, vocab_local, first)
         local = target - first
-        in_range = (local >= 0) & (local < vocab_local)
+        in_range = (local >= 0) & (local < real)
         local = torch.where(in_range, local, torch.zeros_like(local))
-        lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        tgt = torch.empty_like(lse)
+        # A shard of padding only: log-sum-exp over nothing is -inf, which adds 0 to the others'.
+        lse = torch.full((tokens,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        tgt = torch.zeros_like(lse)
         stats = _fn(_chunk_stats, hidden)
-        for i in range(0, tokens, chunk):
+        for i in range(0, tokens if real else 0, chunk):
             j = min(i + chunk, tokens)
-            logits = hidden[i:j] @ weight.t()
+            logits = hidden[i:j] @ weight[:real].t()
             lse[i:j], tgt[i:j] = stats(logits, local[i:j], in_range[i:j])
         if tp > 1:
             parts = [torch.empty_like(lse) for _ in range(tp)]
@@ -76,38 +84,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(torch.stack(parts), dim=0)
             dist.all_reduce(tgt, group=tp_group)
         ctx.save_for_backward(hidden, weight, local, in_range, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.real = chunk, real
         return lse - tgt
 
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, local, in_range, lse = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, real = ctx.chunk, ctx.real
         grad_loss = grad_loss.contiguous()
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.empty_like(hidden) if real else torch.zeros_like(hidden)  # no real rows: no gradient
         # fp32 accumulator: the chunks' weight gradients are summed before one rounding to the
-        # weight's dtype, as the plain path's single GEMM does.
+        # weight's dtype, as the plain path's single GEMM does. Padded rows keep zero gradient.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        w, grad_w = weight[:real], grad_weight[:real]
         grad_fn = _fn(_chunk_grad, hidden)
-        for i in range(0, hidden.shape[0], chunk):
+        for i in range(0, hidden.shape[0] if real else 0, chunk):
             j = min(i + chunk, hidden.shape[0])
-            logits = hidden[i:j] @ weight.t()
+            logits = hidden[i:j] @ w.t()
             grad_logits = grad_fn(logits, lse[i:j], local[i:j], in_range[i:j], grad_loss[i:j])
-            grad_hidden[i:j] = grad_logits @ weight
-            accumulate_wgrad(grad_weight, grad_logits, hidden[i:j])
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+            grad_hidden[i:j] = grad_logits @ w
+            accumulate_wgrad(grad_w, grad_logits, hidden[i:j])
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                               tp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                               tp_group: Optional[dist.ProcessGroup] = None,
+                               vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-token cross-entropy of `hidden @ weight.T` against `labels`, without full logits.
 
     hidden: [s, b, h], the final norm's output, already gathered over sequence-parallel ranks
     (see `output_layer_cross_entropy`); weight: [V/tp, h], this rank's vocab shard (the whole
-    vocab when tp_group is None or has one rank); labels: [b, s] int64 next-token ids in
-    [0, V). Returns [b, s] fp32 losses (logsumexp - target logit, natural log); gradients flow
-    to hidden and weight. `chunk_tokens` tokens' logits exist at a time.
+    vocab when tp_group is None or has one rank) of a vocabulary padded to V rows; labels:
+    [b, s] int64 next-token ids in [0, vocab_size). `vocab_size`: the real vocabulary (rows
+    from it on are padding, left out of the softmax, zero gradient); None: all V rows are real.
+    Returns [b, s] fp32 losses (logsumexp - target logit, natural log); gradients flow to hidden
+    and weight. `chunk_tokens` tokens' logits exist at a time.
     Raises ValueError on mismatched shapes."""
     if hidden.dim() != 3 or labels.dim() != 2 or labels.shape != (hidden.shape[1], hidden.shape[0]):
         raise ValueError(f"fused_linear_cross_entropy wants hidden [s, b, h] and labels [b, s]; "
@@ -119,19 +131,20 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     s, b, h = hidden.shape
     flat = hidden.reshape(s * b, h)  # token order s-major, so labels go [b, s] -> [s, b]
     target = labels.t().reshape(-1)
-    loss = _LinearCrossEntropy.apply(flat, weight, target, chunk_tokens, tp_group)
+    loss = _LinearCrossEntropy.apply(flat, weight, target, chunk_tokens, tp_group, vocab_size)
     return loss.view(s, b).t().contiguous()
 
 
 def output_layer_cross_entropy(output_layer, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, vocab_size: Optional[int] = None) -> torch.Tensor:
     """What GPTModel's `output_layer(hidden)` + `compute_language_model_loss(labels, logits)`
     compute, through `fused_linear_cross_entropy`: the same tensor-parallel input handling as
     Megatron's ColumnParallelLinear (all-gather over sequence-parallel ranks, whose backward
     reduce-scatters; otherwise an identity whose backward all-reduces over TP).
 
     output_layer: the model's ColumnParallelLinear; hidden: [s/tp (SP) or s, b, h]; weight: its
-    weight or the shared embedding weight [V/tp, h]; labels [b, s]. Returns [b, s] fp32."""
+    weight or the shared embedding weight [V/tp, h]; labels [b, s]; vocab_size: the real
+    vocabulary when V is padded (None: not padded). Returns [b, s] fp32."""
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
         gather_from_sequence_parallel_region,
@@ -144,16 +157,18 @@ def output_layer_cross_entropy(output_layer, hidden: torch.Tensor, weight: torch
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=group)
         else:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=group)
-    return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens, group if tp > 1 else None)
+    return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens, group if tp > 1 else None, vocab_size)
 
 
-def use_fused_linear_cross_entropy(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+def use_fused_linear_cross_entropy(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                                   vocab_size: Optional[int] = None) -> None:
     """Make a Megatron GPTModel compute its training loss with `output_layer_cross_entropy`.
 
     Replaces the instance's `_postprocess` (GPTModel's last step: output layer, then the loss
     when labels are given) with one that, when labels are given on the last stage and neither
     multi-token prediction nor inference is in play, returns the same [b, s] fp32 per-token loss
     without materialising logits; every other call goes to Megatron's own method. Idempotent.
+    `vocab_size`: the real vocabulary when the model's is padded (layers/vocab_padding.py).
     """
     if getattr(model, "_megatune_fused_ce", False):
         return
@@ -172,7 +187,7 @@ def use_fused_linear_cross_entropy(model, chunk_tokens: int = DEFAULT_CHUNK_TOKE
             return original(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
                   else self.output_layer.weight)
-        return output_layer_cross_entropy(self.output_layer, hidden_states, weight, labels, chunk_tokens)
+        return output_layer_cross_entropy(self.output_layer, hidden_states, weight, labels, chunk_tokens, vocab_size)
 
     model._postprocess = types.MethodType(_postprocess, model)
     model._megatune_fused_ce = True

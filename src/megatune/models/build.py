@@ -32,15 +32,22 @@ class ModelBundle:
     hf: dict
     config: TransformerConfig
     mappings: tuple[Mapping, ...]  # the provider's table for this checkpoint's on-disk layout
+    padded_vocab_size: int  # rows of the embedding / output layer (layers/vocab_padding.py)
 
     @property
     def tied(self) -> bool:
         return self.provider.tied_embeddings(self.hf)
 
     @property
+    def vocab_size(self) -> int:
+        """The HF vocabulary (the first `vocab_size` of `padded_vocab_size` rows are real)."""
+        return self.provider.vocab_size(self.hf)
+
+    @property
     def shapes(self) -> Shapes:
-        """Attention head layout the fused-QKV mappings split by."""
-        return Shapes(self.config.num_attention_heads, self.config.num_query_groups, self.config.kv_channels)
+        """Attention head layout the fused-QKV mappings split by, and the vocabulary padding."""
+        return Shapes(self.config.num_attention_heads, self.config.num_query_groups, self.config.kv_channels,
+                      self.vocab_size, self.padded_vocab_size)
 
     def step_flops(self, doc_lens: list[int], image_grid_thw: list | None = None) -> float:
         return self.provider.step_flops(self.hf, doc_lens, image_grid_thw)
@@ -115,6 +122,7 @@ def build_model(config: Config, model_dir: str) -> ModelBundle:
     hf_config, hf = load_hf_config(model_dir)
     provider = get_provider(hf, f"{model_dir}/config.json")
     tc = transformer_config(config, hf, provider)
+    vocab, padded = provider.vocab_size(hf), provider.padded_vocab_size(hf, config.parallel)
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -123,16 +131,22 @@ def build_model(config: Config, model_dir: str) -> ModelBundle:
             tc, hf, hf_config, stage,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            padded_vocab_size=padded,
         )
         mark_tensor_parallel_weights(model)
+        if padded != vocab and getattr(model, "post_process", False):
+            from megatune.layers.vocab_padding import exclude_padded_logits
+
+            exclude_padded_logits(model.output_layer, vocab)  # padded logits: -inf before any softmax
         if tc.cross_entropy_loss_fusion:
             from megatune.layers.cross_entropy import use_fused_linear_cross_entropy
 
-            use_fused_linear_cross_entropy(model)
+            use_fused_linear_cross_entropy(model, vocab_size=vocab if padded != vocab else None)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
-    return ModelBundle(chunks, provider, hf_config, hf, tc, provider.mappings(hf, checkpoint_weight_names(model_dir)))
+    mappings = provider.mappings(hf, checkpoint_weight_names(model_dir))
+    return ModelBundle(chunks, provider, hf_config, hf, tc, mappings, padded)
 
 
 def checkpoint_weight_names(model_dir: str) -> set[str] | None:

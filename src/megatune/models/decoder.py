@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatune.models import moe
-from megatune.models.mappings import ColumnParallel, FusedGateUp, FusedQKV, Mapping, Replicated, RowParallel
+from megatune.models.mappings import FusedGateUp, FusedQKV, Mapping, Replicated, RowParallel, VocabParallel
 from megatune.models.provider import ModelProvider
 
 
@@ -45,7 +45,7 @@ class DecoderProvider(ModelProvider):
         vpp = parallel.virtual_pipeline_model_parallel_size or 1
         heads = hf["num_attention_heads"]
         groups = hf.get("num_key_value_heads") or heads
-        layers, vocab = hf["num_hidden_layers"], self.vocab_size(hf)
+        layers = hf["num_hidden_layers"]
         problems = []
         if heads % tp:
             problems.append(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}")
@@ -53,8 +53,6 @@ class DecoderProvider(ModelProvider):
             problems.append(
                 f"num_key_value_heads={groups} (query groups) is not divisible by tensor_model_parallel_size={tp}"
             )
-        if vocab % tp:
-            problems.append(f"vocab_size={vocab} is not divisible by tensor_model_parallel_size={tp}")
         if layers % (pp * vpp):
             problems.append(
                 f"num_hidden_layers={layers} is not divisible by pipeline_model_parallel_size x "
@@ -75,11 +73,16 @@ class DecoderProvider(ModelProvider):
         return problems
 
     def startup_notes(self, hf: dict, config) -> list[str]:
+        from megatune.layers.vocab_padding import padding_note
+
+        note = padding_note(self.vocab_size(hf), self.padded_vocab_size(hf, config.parallel),
+                            config.parallel.tensor_model_parallel_size)
+        notes = [note] if note else []
         if not self.is_moe(hf):
-            return []
+            return notes
         from megatune.layers.spec import moe_experts_description
 
-        return [
+        return notes + [
             f"MoE experts: {moe_experts_description(config.parallel.moe_grouped_gemm)}",
             f"MoE routing: {moe.aux_loss_description(hf, config)}",
         ]
@@ -116,7 +119,7 @@ class DecoderProvider(ModelProvider):
             )
         return kwargs
 
-    def build_chunk(self, tc, hf, hf_config, vp_stage, pre_process, post_process):
+    def build_chunk(self, tc, hf, hf_config, vp_stage, pre_process, post_process, padded_vocab_size):
         from megatron.core.models.gpt import GPTModel
 
         from megatune.layers.spec import decoder_spec
@@ -124,7 +127,7 @@ class DecoderProvider(ModelProvider):
         model = GPTModel(
             config=tc,
             transformer_layer_spec=decoder_spec(tc, self.qk_layernorm, vp_stage),
-            vocab_size=self.vocab_size(hf),
+            vocab_size=padded_vocab_size,
             max_sequence_length=hf.get("max_position_embeddings") or 4096,
             pre_process=pre_process,
             post_process=post_process,
@@ -156,8 +159,9 @@ class DecoderProvider(ModelProvider):
 
     def matmul_params(self, hf: dict) -> int:
         """Parameters that take part in a matmul per token, the output layer included (even
-        when tied). MoE layers count the router and only the `num_experts_per_tok` experts a
-        token is routed to (active parameters)."""
+        when tied) with the real vocabulary (rows padded for tensor parallelism do no useful
+        work and are not counted). MoE layers count the router and only the
+        `num_experts_per_tok` experts a token is routed to (active parameters)."""
         h, heads = hf["hidden_size"], hf["num_attention_heads"]
         kv = hf.get("num_key_value_heads") or heads
         d = head_dim(hf)
@@ -205,7 +209,7 @@ def dense_decoder_mappings(qkv_bias: bool, qk_norm: bool, prefix: str = "model."
     hf_layer = f"{prefix}layers.{{layer}}"
     hf_attn = f"{hf_layer}.self_attn"
     out: list[Mapping] = [
-        ColumnParallel(f"{m}embedding.word_embeddings.weight", f"{prefix}embed_tokens.weight"),
+        VocabParallel(f"{m}embedding.word_embeddings.weight", f"{prefix}embed_tokens.weight"),
         Replicated(f"{m}decoder.layers.{{layer}}.input_layernorm.weight", f"{hf_layer}.input_layernorm.weight"),
         FusedQKV(f"{attn}.linear_qkv.weight", f"{hf_attn}.q_proj.weight", f"{hf_attn}.k_proj.weight", f"{hf_attn}.v_proj.weight"),
         RowParallel(f"{attn}.linear_proj.weight", f"{hf_attn}.o_proj.weight"),
@@ -217,7 +221,7 @@ def dense_decoder_mappings(qkv_bias: bool, qk_norm: bool, prefix: str = "model."
         ),
         RowParallel(f"{m}decoder.layers.{{layer}}.mlp.linear_fc2.weight", f"{hf_layer}.mlp.down_proj.weight"),
         Replicated(f"{m}decoder.final_layernorm.weight", f"{prefix}norm.weight"),
-        ColumnParallel(f"{m}output_layer.weight", lm_head),
+        VocabParallel(f"{m}output_layer.weight", lm_head),
     ]
     if qkv_bias:
         out.append(FusedQKV(f"{attn}.linear_qkv.bias", f"{hf_attn}.q_proj.bias", f"{hf_attn}.k_proj.bias", f"{hf_attn}.v_proj.bias"))

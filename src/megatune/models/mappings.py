@@ -24,11 +24,15 @@ class TensorSource(Protocol):
 
 @dataclass(frozen=True)
 class Shapes:
-    """Attention geometry needed to (de)interleave fused QKV."""
+    """Attention geometry needed to (de)interleave fused QKV, and the vocabulary's rows: the
+    HF vocabulary and the Megatron rows it is padded to (layers/vocab_padding.py); 0 = not
+    padded (the HF tensor's own row count)."""
 
     num_heads: int
     num_groups: int
     head_dim: int
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
 
 
 class Mapping:
@@ -97,6 +101,42 @@ class Direct(Mapping):
 
     def unshard(self, shards, layer, shapes):
         full = shards[0] if self.tp_dim is None else torch.cat(shards, dim=self.tp_dim)
+        return {_fmt(self.hf, layer): full}
+
+
+@dataclass(frozen=True)
+class VocabParallel(Mapping):
+    """HF [vocab, h] embedding / output weight <-> Megatron's vocab-parallel shard of a table
+    padded to `shapes.padded_vocab_size` rows (layers/vocab_padding.py). Rank r of `size` holds
+    padded rows [r*n, (r+1)*n), n = padded / size: it reads only the real ones among them and
+    fills the rest with zeros; `unshard` drops the padding, so export returns the HF tensor bit
+    for bit. Without padding this is a column-parallel `Direct`.
+    Raises ValueError when the padded table is smaller than the HF one or does not split."""
+
+    megatron: str
+    hf: str
+    tp_dim: int | None = 0
+
+    def hf_names(self):
+        return (self.hf,)
+
+    def load(self, src, layer, rank, size, shapes):
+        name = _fmt(self.hf, layer)
+        rows = src.read_shape(name)[0]
+        padded = shapes.padded_vocab_size or rows
+        if padded < rows:
+            raise ValueError(f"{name}: {rows} vocabulary rows do not fit a table of {padded}")
+        start, stop = _chunk(padded, rank, size, name)
+        real = src.read(name, 0, min(start, rows), min(stop, rows))
+        missing = (stop - start) - real.shape[0]
+        if missing == 0:
+            return real
+        return torch.cat([real, real.new_zeros(missing, *real.shape[1:])])
+
+    def unshard(self, shards, layer, shapes):
+        full = torch.cat(shards, dim=0)
+        if shapes.vocab_size:
+            full = full[: shapes.vocab_size]
         return {_fmt(self.hf, layer): full}
 
 

@@ -49,8 +49,9 @@ class ModelProvider(ABC):
 
     @abstractmethod
     def build_chunk(self, tc, hf: dict, hf_config, vp_stage: int | None, pre_process: bool,
-                    post_process: bool) -> torch.nn.Module:
-        """The model chunk of this rank's pipeline stage (`vp_stage`: virtual stage or None)."""
+                    post_process: bool, padded_vocab_size: int) -> torch.nn.Module:
+        """The model chunk of this rank's pipeline stage (`vp_stage`: virtual stage or None),
+        its embedding and output layer `padded_vocab_size` rows (see `padded_vocab_size`)."""
 
     @abstractmethod
     def mappings(self, hf: dict, weight_names: set[str] | None = None) -> tuple[Mapping, ...]:
@@ -81,7 +82,16 @@ class ModelProvider(ABC):
         return Batch(tokens, torch.full_like(tokens, IGNORE), positions), {"input_ids": tokens}, "AutoModelForCausalLM"
 
     def vocab_size(self, hf: dict) -> int:
+        """The HF vocabulary: rows of embed_tokens / lm_head, the logits compared and trained."""
         return hf["vocab_size"]
+
+    def padded_vocab_size(self, hf: dict, parallel) -> int:
+        """Rows of the Megatron embedding / output layer under `parallel` (config.ParallelSection):
+        the vocabulary padded for tensor parallelism (layers/vocab_padding.py)."""
+        from megatune.layers.vocab_padding import padded_vocab_size
+
+        return padded_vocab_size(self.vocab_size(hf), parallel.tensor_model_parallel_size,
+                                 parallel.make_vocab_size_divisible_by)
 
     def tied_embeddings(self, hf: dict) -> bool:
         return bool(hf.get("tie_word_embeddings"))

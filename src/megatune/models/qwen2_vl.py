@@ -64,12 +64,13 @@ class VisionLanguageProvider(DecoderProvider):
             + (f"; frozen: {', '.join(frozen)}" if frozen else "")
         ]
 
-    def build_chunk(self, tc, hf, hf_config, vp_stage, pre_process, post_process):
+    def build_chunk(self, tc, hf, hf_config, vp_stage, pre_process, post_process, padded_vocab_size):
         from megatune.layers.spec import decoder_spec
         from megatune.models.vision_language import build_vision_language_model
 
         return build_vision_language_model(tc, hf_config, decoder_spec(tc, False, vp_stage),
-                                           pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+                                           pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                                           padded_vocab_size=padded_vocab_size)
 
     def mappings(self, hf: dict, weight_names: set[str] | None = None) -> tuple[Mapping, ...]:
         """The table of the checkpoint's layout ("published" or "nested"; see

@@ -296,18 +296,20 @@ def build_vision_language_model(
     pre_process: bool,
     post_process: bool,
     vp_stage: Optional[int] = None,
+    padded_vocab_size: Optional[int] = None,
 ) -> VisionLanguageModel:
     """One model chunk with transformers' rotary frequencies (models/build.py sets the TP flags).
 
     `config` is the language model's TransformerConfig with `mrope_section` (see
     `models/qwen2_vl.py`); `layer_spec` the decoder spec of this stage
-    (`layers/spec.py:decoder_spec(config, False, vp_stage)`)."""
+    (`layers/spec.py:decoder_spec(config, False, vp_stage)`); `padded_vocab_size`: rows of the
+    embedding / output layer (layers/vocab_padding.py; None: the text config's vocab_size)."""
     text = hf_config.text_config
     model = VisionLanguageModel(
         config,
         hf_config,
         transformer_layer_spec=layer_spec,
-        vocab_size=text.vocab_size,
+        vocab_size=padded_vocab_size or text.vocab_size,
         max_sequence_length=text.max_position_embeddings or 4096,
         pre_process=pre_process,
         post_process=post_process,
