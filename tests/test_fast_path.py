@@ -188,3 +188,37 @@ def test_fused_adam_switch_matches_foreach():
             y.grad = x.grad.clone()
         oa.step(), ob.step()
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+
+def test_chunked_cross_entropy_runs_the_output_layers_forward_pre_hooks():
+    """The chunked path reads the output layer's weight without calling the layer. With
+    `overlap_param_gather`, Megatron's DDP waits in the layer's forward pre-hook for the weight's
+    all-gather. So the hook must still run, once per forward, before the weight is read.
+    Skipping it made an untied Qwen3-8B fail on the next step (`assert
+    self.param_gather_handle is None`; reproduced on CPU with benchmarks/throughput.py
+    --gpus 2 --set overlap_grad_reduce=true overlap_param_gather=true ddp_bucket_size=20000)."""
+    import types
+
+    from megatune.layers.cross_entropy import use_fused_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(8)
+    s, b, h, v = 5, 2, 8, 13
+    output_layer = torch.nn.Linear(h, v, bias=False)
+    seen = []
+
+    def gather_wait(module, args):  # stands in for DDP's hook: the weight becomes ready here
+        seen.append(args[0].shape)
+        with torch.no_grad():
+            module.weight.copy_(ready)
+
+    ready = torch.randn(v, h, generator=gen)
+    output_layer.register_forward_pre_hook(gather_wait)
+    model = types.SimpleNamespace(post_process=True, share_embeddings_and_output_weights=False,
+                                  output_layer=output_layer, config=types.SimpleNamespace(mtp_num_layers=None),
+                                  _postprocess=lambda *a, **k: pytest.fail("the plain path ran"))
+    use_fused_linear_cross_entropy(model, chunk_tokens=4)
+    hidden = torch.randn(s, b, h, generator=gen)
+    labels = torch.randint(0, v, (b, s), generator=gen)
+    loss = model._postprocess(hidden, None, None, labels)
+    assert seen == [hidden.shape]
+    torch.testing.assert_close(loss, _plain_linear_ce(hidden, ready, labels))

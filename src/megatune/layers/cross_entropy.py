@@ -160,6 +160,19 @@ def output_layer_cross_entropy(output_layer, hidden: torch.Tensor, weight: torch
     return fused_linear_cross_entropy(hidden, weight, labels, chunk_tokens, group if tp > 1 else None, vocab_size)
 
 
+def run_forward_pre_hooks(module: torch.nn.Module, args: tuple) -> None:
+    """Run `module`'s forward pre-hooks as calling it would, for code that reads its weight
+    without calling it. Megatron's DDP waits there for the overlapped all-gather of the
+    module's parameters (`overlap_param_gather`) and starts the next bucket's. Skipping the wait
+    would read a weight that is still being gathered. It would also leave the gather
+    outstanding, and the next step fails with `assert self.param_gather_handle is None`."""
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, args, {})
+        else:
+            hook(module, args)
+
+
 def use_fused_linear_cross_entropy(model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                                    vocab_size: Optional[int] = None) -> None:
     """Make a Megatron GPTModel compute its training loss with `output_layer_cross_entropy`.
@@ -185,6 +198,7 @@ def use_fused_linear_cross_entropy(model, chunk_tokens: int = DEFAULT_CHUNK_TOKE
         )
         if plain:
             return original(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        run_forward_pre_hooks(self.output_layer, (hidden_states,))
         weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
                   else self.output_layer.weight)
         return output_layer_cross_entropy(self.output_layer, hidden_states, weight, labels, chunk_tokens, vocab_size)
