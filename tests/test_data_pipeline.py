@@ -177,3 +177,32 @@ def test_template_eos_replaces_the_tokenizer_eos_or_refuses_a_missing_token():
     with pytest.raises(ValueError, match="template 'qwen3' ends answers with '<\\|im_end\\|>', which is not a token"):
         apply_template_eos(llama, get_template("qwen3"))
     assert llama.eos_token == "<|end_of_text|>"
+
+
+def test_new_encoding_rules_miss_the_datasets_map_cache(tokenizer, tmp_path, monkeypatch):
+    """datasets caches `map` results under a hash of the map function's state, not of the code
+    it runs. An upgrade that encodes rows differently must not get the old encoding back from
+    ~/.cache/huggingface: RowEncoder carries ENCODING_RULES in its state."""
+    import shutil
+
+    import megatune.data.encoding as encoding
+    from megatune.stages.supervised import SupervisedStage
+
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    config = config_for(dataset="megatune_identity", dataset_dir=str(tmp_path / "data"))
+    calls = []
+    plain_encode = SupervisedStage.encode
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return plain_encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(SupervisedStage, "encode", counted)
+    first, _ = build_samples(config, tokenizer)
+    encoded_first = len(calls)
+    again, _ = build_samples(config, tokenizer)
+    assert encoded_first == 30 and len(calls) == encoded_first  # same rules: datasets' cache serves it
+    monkeypatch.setattr(encoding, "ENCODING_RULES", encoding.ENCODING_RULES + 1)
+    build_samples(config, tokenizer)
+    assert len(calls) == 2 * encoded_first  # new rules: every row encoded again
+    assert [s.input_ids for s in first] == [s.input_ids for s in again]

@@ -54,12 +54,21 @@ class DataStats:
             self.packing_efficiency = self.tokens / (self.samples * cutoff_len)
 
 
+# The version of megatune's encoding rules (templates, truncation). Bump it whenever the same
+# row and settings would encode differently: a `tokenized_path` cache written under other rules
+# is refused, and `datasets.map`'s own cache (keyed on a hash of RowEncoder's state, not of the
+# code it runs) misses. 2: LLaMA-Factory 0.9.5's truncation (mask_history serves the last turn
+# first, its length split) and per-message tokenization.
+ENCODING_RULES = 2
+
+
 class RowEncoder:
     """`datasets.map` function: (row, index) -> the stage's encoded columns + `error`."""
 
     def __init__(self, stage, spec, template, tokenizer, data_config):
         self.stage, self.spec, self.template, self.tokenizer, self.data = stage, spec, template, tokenizer, data_config
         self.located = False
+        self.rules = ENCODING_RULES  # part of the state datasets hashes for its map cache
 
     def __call__(self, row: dict, idx: int) -> dict:
         source = f"dataset '{self.spec.name}', file {self.spec.file_name}, row {idx}"

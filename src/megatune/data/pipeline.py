@@ -13,16 +13,19 @@ import json
 import os
 
 from megatune.config import Config
-from megatune.data.encoding import DataStats, RowEncoder, check_errors, interleave_probs, samples_from_rows
+from megatune.data.encoding import (
+    ENCODING_RULES,
+    DataStats,
+    RowEncoder,
+    check_errors,
+    interleave_probs,
+    samples_from_rows,
+)
 from megatune.data.processors import Sample, pack_samples
 from megatune.data.registry import DataError
 from megatune.stages import get_stage
 
 FINGERPRINT = "megatune_encoding.json"  # beside the cached dataset in tokenized_path
-# The version of megatune's encoding rules (templates, truncation); a cache encoded under other
-# rules is refused like one encoded with other settings. 2: LLaMA-Factory 0.9.5's truncation
-# (mask_history serves the last turn first, its length split) and per-message tokenization.
-ENCODING_RULES = 2
 
 
 _clamp_said = False
