@@ -199,7 +199,8 @@ def run_megatune(args) -> dict:
 
         for chunk in bundle.chunks:
             chunk._megatune_fused_ce = False  # re-wrap with this run's chunk size
-            use_fused_linear_cross_entropy(chunk, args.ce_chunk)
+            use_fused_linear_cross_entropy(chunk, args.ce_chunk, vocab_size=bundle.vocab_size
+                                           if bundle.padded_vocab_size != bundle.vocab_size else None)
     model = optim.wrap_ddp(bundle.chunks, bundle.config, config)
     mark("ddp_grad_buffers")
     optimizer = optim.build_optimizer(model, bundle.config, config)

@@ -145,7 +145,8 @@ def test_only_rank_zero_rewrites_the_tokenized_cache(monkeypatch, rank):
 
 @pytest.mark.parametrize("where", [None, 0, 37, 99], ids=["all_finite", "first", "middle", "last"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_grads_finite_checks_every_slice(monkeypatch, where, value):
+@pytest.mark.parametrize("poisoned", [0, 1], ids=["dense_buffer", "expert_buffer"])
+def test_grads_finite_checks_every_slice(monkeypatch, where, value, poisoned):
     """The finite check walks DDP's buffers in slices (bounded memory): a bad element anywhere,
     in any buffer, including the last partial slice, must be found."""
     import types
@@ -154,13 +155,15 @@ def test_grads_finite_checks_every_slice(monkeypatch, where, value):
 
     from megatune.engine import step
 
+    from megatune.distributed import free_port
+
     own_group = not dist.is_initialized()
     if own_group:
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29573", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     monkeypatch.setattr(step, "FINITE_CHECK_CHUNK", 16)
-    buffers = [types.SimpleNamespace(grad_data=torch.randn(n)) for n in (20, 100)]
+    buffers = [types.SimpleNamespace(grad_data=torch.randn(n)) for n in (100, 100)]
     if where is not None:
-        buffers[1].grad_data[where] = value
+        buffers[poisoned].grad_data[where] = value
     model = [types.SimpleNamespace(buffers=buffers[:1], expert_parallel_buffers=buffers[1:])]
     try:
         assert step._grads_finite(model) is (where is None)

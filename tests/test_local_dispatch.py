@@ -82,8 +82,10 @@ def test_moe_layer_with_local_dispatch_equals_megatron_dispatcher(groups, dispat
     layer = moe_layer(dispatcher_type, grouped=grouped)
     assert isinstance(layer.token_dispatcher, LocalTokenDispatcher)
     megatron_cls = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
     reference = megatron_cls(layer.num_local_experts, layer.local_expert_indices, config=layer.config,
-                             pg_collection=layer.token_dispatcher_pg)
+                             pg_collection=get_default_pg_collection())
     s, b = 6, 2
     x = torch.randn(s, b, HIDDEN, generator=torch.Generator().manual_seed(4))
     padding_mask = torch.zeros(b, s, dtype=torch.bool)
@@ -103,3 +105,25 @@ def test_token_dropping_keeps_megatron_dispatcher(groups):
 
     layer = moe_layer("alltoall", capacity=1.0)
     assert not isinstance(layer.token_dispatcher, LocalTokenDispatcher)
+
+
+@pytest.mark.parametrize("ep, etp", [(2, 1), (1, 2)])
+def test_experts_spread_over_ranks_keep_megatron_dispatcher(groups, ep, etp):
+    """With expert parallelism or expert tensor parallelism tokens travel between ranks: the
+    local dispatcher must stay off (checked on the sizes Megatron's dispatcher reports)."""
+    from megatune.layers.local_dispatch import local_dispatch_applies
+
+    layer = moe_layer("alltoall")
+    dispatcher = layer.token_dispatcher
+    assert local_dispatch_applies(layer.config, dispatcher)
+    dispatcher.ep_size, dispatcher.tp_size = ep, etp
+    assert not local_dispatch_applies(layer.config, dispatcher)
+
+
+def test_permute_dropless_refuses_a_routing_map_without_topk_routes_per_token():
+    from megatune.layers.local_dispatch import permute_dropless
+
+    x, routing_map, probs = routing(5, seed=2)
+    routing_map[3] = False  # token 3 routed nowhere: T * top-k no longer holds
+    with pytest.raises(RuntimeError, match="routes != tokens x top-k"):
+        permute_dropless(x, routing_map, probs, TOPK)

@@ -4,8 +4,6 @@ one process computing the full logits (`cross_entropy_loss_fusion` on TP > 1 GPU
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -41,13 +39,9 @@ def worker(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vocab_parallel_linear_cross_entropy_equals_full_logits():
+    from megatune.distributed import free_port
+
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(worker, args=(free_port(), results), nprocs=2)

@@ -45,18 +45,27 @@ def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: tor
     Returns (permuted tokens [T*topk, h], their router probs [T*topk], source token index
     [T*topk] int64, tokens per expert [E] int64 on tokens' device). The order equals
     Megatron's `moe_utils.permute` (expert-major, ascending token index within an expert).
+
+    Precondition: exactly T*topk routes in all. Megatron-core 0.16.1's top-k router gives every
+    token (padding included: the padding mask only shapes the load-balancing loss) exactly
+    `topk` experts when no capacity is set; `local_dispatch_applies` keeps this dispatcher off
+    otherwise. A routing map that broke it would fail an asynchronous device assertion (a
+    RuntimeError at the next sync), never pass silently.
     """
     num_tokens = routing_map.shape[0]
+    counts = routing_map.sum(dim=0)
+    torch._assert_async(counts.sum() == num_tokens * topk, "LocalTokenDispatcher: routes != tokens x top-k")
     expert_major = routing_map.t().reshape(-1)  # [E*T], index = expert * T + token
     flat = torch.nonzero_static(expert_major, size=num_tokens * topk).squeeze(1)
     source = flat % num_tokens
     permuted_probs = probs.t().reshape(-1).index_select(0, flat)
-    return tokens.index_select(0, source), permuted_probs, source, routing_map.sum(dim=0)
+    return tokens.index_select(0, source), permuted_probs, source, counts
 
 
 def local_dispatch_applies(config, dispatcher) -> bool:
-    """Whether `dispatcher` (Megatron's all-to-all or all-gather one, just built) can be replaced
-    by LocalTokenDispatcher (both group tokens as it does): one rank holds all experts whole, routing is drop-less with a fixed top-k, and no feature
+    """Whether `dispatcher` (Megatron's all-to-all or all-gather one, just built) can be
+    replaced by LocalTokenDispatcher (both group tokens as it does): one rank holds all
+    experts whole, routing is drop-less with a fixed top-k, and no feature
     that hooks into the all-to-all's stages (shared-expert overlap, CUDA graphs, router
     padding, fused permute) is on."""
     return (
@@ -112,7 +121,6 @@ class MoELayerWithLocalDispatch(MoELayer):
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
-        self.token_dispatcher_pg = pg_collection
         if local_dispatch_applies(self.config, self.token_dispatcher):
             self.token_dispatcher = LocalTokenDispatcher(
                 self.num_local_experts, self.local_expert_indices, config=self.config,

@@ -59,7 +59,7 @@ class VisionLanguageProvider(DecoderProvider):
 
     def startup_notes(self, hf: dict, config) -> list[str]:
         frozen = [k for k in FREEZE_KEYS if getattr(config.training, k)]
-        return [
+        return super().startup_notes(hf, config) + [  # the vocabulary padding line, if any
             "vision tower: transformers' module on the first pipeline stage, replicated over tensor-parallel ranks"
             + (f"; frozen: {', '.join(frozen)}" if frozen else "")
         ]
