@@ -3,7 +3,7 @@
 # same call; every run is benchmarks/throughput.py's fast path (random weights, synthetic tokens).
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR dense [no8b] -- Qwen3-1.7B, seq 4096: 1 GPU vs DP=2 with
 #        the overlap options off, on, and on with 400M-parameter buckets (micro-batch 2 x 4 per rank); Qwen3-8B (36 layers) on 2 GPUs,
-#        DP=2 with the distributed optimizer and overlap (PP=2 if that does not fit)
+#        DP=2 with the distributed optimizer and overlap (PP=2 if that fails)
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR moe     -- Qwen3-30B-A3B shape, 4 layers: 1 GPU vs DP=2
 #        and EP=2 (micro-batch 4 x 2 per rank), and transformers bf16 at micro-batch 4 on 1 GPU
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR memory  -- 1 GPU: which allocations make the MoE peak
