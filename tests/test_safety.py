@@ -329,3 +329,18 @@ def test_transformer_engine_is_chosen_only_when_asked_and_refused_without_it():
         with pytest.raises(ConfigError) as info:
             validate(config, 1)
         assert "transformer_impl: transformer_engine needs Transformer Engine" in info.value.problems[0]
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_start(tmp_path):
+    """Token ids the model has no embedding row for would crash a worker (or, with a padded
+    vocabulary, read a zero row and train on a wrong loss): the launcher refuses the pair."""
+    from megatune.config import load_config
+    from megatune.preflight import model_problems
+
+    small = make_tiny_model("qwen3", str(tmp_path / "small"), seed=3, with_tokenizer=True, vocab_size=500)
+    hf = json.loads((Path(small) / "config.json").read_text())
+    problems = model_problems(load_config(None, {"model_name_or_path": small}), hf)
+    assert problems == [f"model_name_or_path: the tokenizer in {small} has 512 tokens but the model's vocab_size "
+                        "is 500, so ids from 500 on have no embedding row; use the tokenizer the model was "
+                        "trained with, or resize the model's embeddings first"], problems
+    assert model_problems(load_config(None, {"model_name_or_path": small}), hf, need_tokenizer=False) == []

@@ -107,12 +107,15 @@ def model_problems(config: Config, hf: dict, need_tokenizer: bool = True) -> lis
     from megatune.models import UnsupportedModelError, get_provider
 
     model_dir = config.model.model_name_or_path
-    problems = _tokenizer_problems(model_dir) if need_tokenizer else []
-    problems += _weight_file_problems(model_dir)
     try:
         provider = get_provider(hf, f"{model_dir}/config.json")
     except UnsupportedModelError:
-        return problems  # `validate` has said so
+        provider = None  # `validate` says so
+    vocab_size = provider.vocab_size(hf) if provider is not None else None
+    problems = _tokenizer_problems(model_dir, vocab_size) if need_tokenizer else []
+    problems += _weight_file_problems(model_dir)
+    if provider is None:
+        return problems
     try:
         from megatune.models.build import load_hf_config, transformer_config
 
@@ -123,17 +126,24 @@ def model_problems(config: Config, hf: dict, need_tokenizer: bool = True) -> lis
     return problems
 
 
-def _tokenizer_problems(model_dir: str) -> list[str]:
+def _tokenizer_problems(model_dir: str, vocab_size: int | None = None) -> list[str]:
+    """The tokenizer loads and every id it can produce has an embedding row (< vocab_size)."""
     try:
         from transformers import AutoTokenizer
 
         if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
             # transformers would quietly build an empty tokenizer from config.json alone
             raise FileNotFoundError(f"none of {', '.join(TOKENIZER_FILES)} is there")
-        AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001 - any failure here is "the tokenizer does not load"
         return [f"model_name_or_path: the tokenizer in {model_dir} does not load ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}); the folder needs the tokenizer files"]
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        # ids from vocab_size on have no embedding row: an index error, or with a padded
+        # vocabulary (layers/vocab_padding.py) a silent zero embedding and a wrong loss
+        return [f"model_name_or_path: the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's "
+                f"vocab_size is {vocab_size}, so ids from {vocab_size} on have no embedding row; use the "
+                "tokenizer the model was trained with, or resize the model's embeddings first"]
     return []
 
 
