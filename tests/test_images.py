@@ -436,6 +436,7 @@ def test_mask_history_serves_the_last_turn_first_and_never_cuts_an_image(tmp_pat
         except RowDropped as err:
             assert room < image_end, cutoff
             assert "mask_history" in str(err) and f"cutoff_len={cutoff}" in str(err)
+            assert "turn 1's images do not fit" in str(err)  # the image is in the first turn
             continue
         kept_rows += 1
         assert room >= image_end, cutoff

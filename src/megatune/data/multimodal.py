@@ -232,9 +232,11 @@ def encode_image_conversation(
     if any(keep_p < floor for (keep_p, _), floor in zip(kept, protect)):
         keep_it = "raise cutoff_len or lower image_max_pixels to keep it"
         if mask_history:  # the budget went to later turns first
+            failing = next(i for i, ((keep_p, _), floor) in enumerate(zip(kept, protect)) if keep_p < floor)
+            which = "the last turn's images" if failing == len(turns) - 1 else f"turn {failing + 1}'s images"
             raise RowDropped(
                 f"{where}: its {len(counts)} image(s) take {sum(counts)} tokens and with mask_history (later turns "
-                f"keep their tokens first) an earlier turn's images do not fit cutoff_len={cutoff_len}; the row is "
+                f"keep their tokens first) {which} do not fit cutoff_len={cutoff_len}; the row is "
                 f"left out (an image is never cut): {keep_it}"
             )
         # In dialogue order, earlier turns are whole up to the failing image, which ends at the
