@@ -7,6 +7,9 @@ Experts run on Megatron's SequentialMLP (`moe_grouped_gemm: false`) and on megat
 GroupedExperts (`moe_grouped_gemm: true`, layers/experts.py; its per-expert matmul path on CPU),
 with the allgather and the alltoall token dispatchers (the latter through compat/cpu.py's
 dispatcher patches).
+
+The `megatune` runs are batched per world size (tests/multirun.py: one set of worker processes
+runs every case of a batch in turn); each test asserts on its own case's outputs.
 """
 
 import json
@@ -16,7 +19,8 @@ import pytest
 import torch
 
 from megatune.tiny import make_tiny_model
-from tests.conftest import REPO, run_megatune
+from tests.conftest import REPO
+from tests.multirun import Batches
 from tests.test_verify import all_tensors, parse_diffs
 
 MOE = ["--moe_grouped_gemm", "false", "--moe_token_dispatcher_type", "allgather"]
@@ -40,17 +44,48 @@ def moe_model(tmp_path_factory):
     return make_tiny_model("qwen3_moe", str(tmp_path_factory.mktemp("moe") / "tiny"), seed=5, with_tokenizer=True)
 
 
+def nproc_of(flags: list[str]) -> int:
+    return int(flags[flags.index("--nproc_per_node") + 1]) if "--nproc_per_node" in flags else 1
+
+
+@pytest.fixture(scope="module")
+def moe_runs(moe_model, tmp_path_factory):
+    """Every `megatune` run of this file (see the module docstring); a case's outputs live in
+    `root / case`."""
+    root = tmp_path_factory.mktemp("moe_runs")
+    runs = Batches(root / "batches")
+    for experts, (flags, _) in EXPERTS.items():
+        for layout, layout_flags in LAYOUTS.items():
+            name = f"verify-{layout}-{experts}"
+            runs.add(name, ["verify", "--model_name_or_path", moe_model, *flags, *layout_flags,
+                            "--export_path", root / name / "export"], nproc_of(layout_flags))
+        name = f"ep2_train-{experts}"
+        # moe_log_load and a capacity factor (a limit no expert reaches here: 2 x 2/4 of the
+        # tokens) ride along on the sequential run: test_expert_load_is_logged_per_moe_layer
+        options = (["--moe_log_load", "true", "--moe_expert_capacity_factor", "2.0"] if experts == "sequential" else [])
+        runs.add(name, ["train", "--model_name_or_path", moe_model, *EXPERTS[experts][0], *ALLTOALL, *options,
+                        "--expert_model_parallel_size", "2", "--nproc_per_node", "2", "--dataset", "megatune_identity",
+                        "--dataset_dir", REPO / "data", "--template", "qwen3_nothink", "--cutoff_len", "96",
+                        "--max_steps", "12", "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", "6",
+                        "--output_dir", root / name / "out"], 2)
+        runs.add(f"ep1_export-{experts}", ["export", "--checkpoint_path", root / name / "out" / "checkpoint-12",
+                                           "--output_path", root / name / "ep1"], 1, batch="export", after=("world2",))
+    for layout, values in AUX_LAYOUTS.items():
+        name = f"aux-{layout}"
+        runs.add(name, ["train", training_step_config(moe_model, values, root / name)], values["nproc_per_node"])
+    return runs, root
+
+
 @pytest.mark.parametrize("experts", EXPERTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_qwen3_moe_matches_transformers_and_round_trips(moe_model, layout, experts, tmp_path):
-    flags, says = EXPERTS[experts]
-    result = run_megatune("verify", "--model_name_or_path", moe_model, *flags, *LAYOUTS[layout],
-                          "--export_path", str(tmp_path / "export"))
+def test_qwen3_moe_matches_transformers_and_round_trips(moe_model, moe_runs, layout, experts):
+    runs, root = moe_runs
+    result = runs.get(f"verify-{layout}-{experts}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert says in result.stdout
+    assert EXPERTS[experts][1] in result.stdout
     diffs = parse_diffs(result.stdout)
     assert diffs["max_abs_diff"] <= 1e-4
-    source, exported = all_tensors(moe_model), all_tensors(tmp_path / "export")
+    source, exported = all_tensors(moe_model), all_tensors(root / f"verify-{layout}-{experts}" / "export")
     assert source.keys() == exported.keys()
     assert any(".mlp.experts.3.down_proj." in k for k in source)  # experts of both EP ranks written
     for name, tensor in source.items():
@@ -73,24 +108,39 @@ def test_moe_config_translation(moe_model):
     assert transformer_config(load_config(None, {}), hf, get_provider(hf)).moe_aux_loss_coeff == hf["router_aux_loss_coef"]
 
 
+def train_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("experts", EXPERTS)
-def test_expert_parallel_training_loss_falls(moe_model, experts, tmp_path):
-    args = ["train", "--model_name_or_path", moe_model, *EXPERTS[experts][0], *ALLTOALL, "--expert_model_parallel_size", "2",
-            "--nproc_per_node", "2", "--dataset", "megatune_identity", "--dataset_dir", str(REPO / "data"),
-            "--template", "qwen3_nothink", "--cutoff_len", "96", "--max_steps", "12", "--learning_rate", "3e-3",
-            "--logging_steps", "1", "--save_steps", "6", "--output_dir", str(tmp_path / "out")]
-    result = run_megatune(*args)
+def test_expert_parallel_training_loss_falls(moe_runs, experts):
+    runs, root = moe_runs
+    result = runs.get(f"ep2_train-{experts}")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    out = root / f"ep2_train-{experts}" / "out"
+    rows = train_rows(out)
     assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"] - 0.5
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))  # the exported MoE loads
-    export = run_megatune("export", "--checkpoint_path", str(tmp_path / "out" / "checkpoint-12"),
-                          "--output_path", str(tmp_path / "ep1"))
+    AutoModelForCausalLM.from_pretrained(str(out))  # the exported MoE loads
+    export = runs.get(f"ep1_export-{experts}")
     assert export.returncode == 0, export.stderr[-3000:]
-    final, resharded = all_tensors(tmp_path / "out"), all_tensors(tmp_path / "ep1")
+    final, resharded = all_tensors(out), all_tensors(root / f"ep2_train-{experts}" / "ep1")
     assert all(torch.equal(final[k], resharded[k]) for k in final)  # EP=2 checkpoint -> EP=1
+
+
+def test_expert_load_is_logged_per_moe_layer(moe_runs):
+    """`moe_log_load: true` (with token-dropping keys set: moe_expert_capacity_factor) logs each
+    MoE layer's expert load in trainer_log.jsonl (the sequential EP=2 run above)."""
+    runs, root = moe_runs
+    result = runs.get("ep2_train-sequential")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in train_rows(root / "ep2_train-sequential" / "out"):
+        load = row["expert_load"]
+        assert sorted(load) == ["layer 1", "layer 3", "layer 4"]  # layer 2 is dense (mlp_only_layers)
+        for shares in load.values():
+            assert len(shares) == 4 and sum(shares) == pytest.approx(1.0, abs=1e-3)
+        assert row["aux_loss"] > 0
 
 
 AUX_RUN = dict(
@@ -164,22 +214,31 @@ def reference_step(model_dir, values):
     return (lm / loss_tokens).item(), sum(logged) / len(logged), norm.item(), tokens, loss_tokens, shares
 
 
-def check_training_step(model_dir, layout: dict, tmp_path) -> None:
-    """One `megatune train` step (lr 0) against reference_step: LM loss, aux_loss, grad norm and
-    the expert load of every MoE layer; and the exported checkpoint holds the input weights
-    bit for bit."""
+def training_step_config(model_dir, layout: dict, folder: Path) -> Path:
+    """The YAML of one `megatune train` step (lr 0) of AUX_RUN under `layout`, output in
+    `folder / "out"`."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {**AUX_RUN, **layout, "model_name_or_path": model_dir, "output_dir": str(folder / "out")}
+    (folder / "run.yaml").write_text(yaml.safe_dump(values))
+    return folder / "run.yaml"
+
+
+def check_training_step(result, model_dir, folder: Path) -> None:
+    """One `megatune train` step (lr 0, `training_step_config`'s run in `folder`) against
+    reference_step: LM loss, aux_loss, grad norm and the expert load of every MoE layer; and
+    the exported checkpoint holds the input weights bit for bit."""
     import yaml
 
     from megatune.models.moe import moe_layer_freq
 
-    values = {**AUX_RUN, **layout, "model_name_or_path": model_dir, "output_dir": str(tmp_path / "out")}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
-    result = run_megatune("train", str(tmp_path / "run.yaml"))
+    values = yaml.safe_load((folder / "run.yaml").read_text())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sparse = [i + 1 for i, f in enumerate(moe_layer_freq(json.loads((Path(model_dir) / "config.json").read_text()))) if f]
     assert (f"MoE routing: load-balancing loss x 0.5 (from moe_aux_loss_coeff) per MoE layer, summed over "
             f"{len(sparse)} layers") in result.stdout
-    row = json.loads((tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()[0])
+    row = json.loads((folder / "out" / "trainer_log.jsonl").read_text().splitlines()[0])
     loss, balance, norm, tokens, loss_tokens, shares = reference_step(model_dir, values)
     assert loss_tokens < 0.8 * tokens  # prompts carry no loss: the case Megatron gets wrong
     assert row["loss_tokens"] == loss_tokens
@@ -189,14 +248,15 @@ def check_training_step(model_dir, layout: dict, tmp_path) -> None:
     assert list(row["expert_load"]) == [f"layer {i}" for i in sparse]
     for logged, expected in zip(row["expert_load"].values(), shares):
         assert logged == pytest.approx(expected, abs=1e-4)  # rounded to 4 places in the log
-    source, exported = all_tensors(model_dir), all_tensors(tmp_path / "out")
+    source, exported = all_tensors(model_dir), all_tensors(folder / "out")
     assert source.keys() == exported.keys()
     assert all(torch.equal(source[k], exported[k]) for k in source)
 
 
 @pytest.mark.parametrize("layout", AUX_LAYOUTS)
-def test_training_step_with_load_balancing_loss_matches_reference(moe_model, layout, tmp_path):
+def test_training_step_with_load_balancing_loss_matches_reference(moe_model, moe_runs, layout):
     """SFT batches with padding and prompt tokens: the load-balancing loss must leave padding out
     and be a token mean whatever share of tokens carries LM loss (Megatron alone scales it by
     tokens / loss tokens, compat/fixes.py)."""
-    check_training_step(moe_model, AUX_LAYOUTS[layout], tmp_path)
+    runs, root = moe_runs
+    check_training_step(runs.get(f"aux-{layout}"), moe_model, root / f"aux-{layout}")
