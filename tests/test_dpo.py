@@ -4,6 +4,9 @@ The formulas themselves are checked against the papers in tests/test_preference_
 the question is whether megatune feeds them the right numbers: the policy's and the reference
 model's summed response log-probabilities of the same global batch, under each parallel layout
 (the reference pass runs through Megatron's schedule too), and whether training on pairs learns.
+
+The `megatune train` runs are batched per world size (tests/multirun.py); each test asserts on
+its own case's outputs.
 """
 
 import math
@@ -13,7 +16,8 @@ import torch
 
 from megatune.tiny import make_tiny_model
 from tests.conftest import REPO, SHARED
-from tests.test_train import log_rows, train, write_config
+from tests.multirun import Batches
+from tests.test_train import log_rows, write_config
 
 DPO = dict(
     stage="dpo",
@@ -92,13 +96,73 @@ def expected_step(values: dict, world: int, reference_dir: str | None):
     return metric_means(out.metric_sums, out.num_pairs), norm.item(), len(pairs)
 
 
-def check_step(tmp_path, models, layout: dict, with_reference: bool = True, **keys):
+LAYOUTS = {
+    "dp2": dict(nproc_per_node=2, pref_loss="sigmoid"),
+    # with the 512-entry vocabulary padded to 768 rows (layers/vocab_padding.py), for policy and reference
+    "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True, pref_loss="ipo",
+                   make_vocab_size_divisible_by=384),
+    "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2, pref_loss="sigmoid"),
+}
+LF_DEMO = SHARED / "fixtures" / "lf_data" / "dpo_en_demo.json"
+RESUME_KEYS = {**DPO, "learning_rate": 1e-3, "max_steps": 4, "save_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(models, tmp_path_factory):
+    """Every `megatune train` run of this file: {case: (folder, values of its YAML, reference
+    model or None)} and the batches that run them. A case's output_dir is `folder / "out"`."""
+    root = tmp_path_factory.mktemp("dpo_runs")
     policy, reference = models
-    extra = {"ref_model": reference} if with_reference else {}
-    config, values = write_config(tmp_path, policy, **{**DPO, **layout, **extra, **keys})
-    train(config)
-    row = log_rows(tmp_path / "out")[0]
-    want, norm, pairs = expected_step(values, layout.get("nproc_per_node", 1), reference if with_reference else None)
+    runs, cases = Batches(root / "batches"), {}
+
+    def add(name, model, keys, reference_dir, **batch):
+        folder = root / name
+        folder.mkdir(parents=True)
+        config, values = write_config(folder, model, **{**keys, **({"ref_model": reference_dir} if reference_dir else {})})
+        runs.add(name, ["train", config], values.get("nproc_per_node", 1), **batch)
+        cases[name] = (folder, values, reference_dir)
+
+    for pref_loss in PREF_LOSSES:
+        add(f"step1-{pref_loss}", policy, {**DPO, "nproc_per_node": 1, "pref_loss": pref_loss,
+                                           **({"pref_ftx": 0.5} if pref_loss == "sigmoid" else {})}, reference)
+    for layout, keys in LAYOUTS.items():
+        add(f"layout-{layout}", policy, {**DPO, **keys}, reference)
+    add("log2", policy, {**DPO, "nproc_per_node": 1}, None)
+    learn = {**DPO, "learning_rate": 3e-3, "max_steps": 20, "eval_steps": 20, "eval_strategy": "steps",
+             "lr_scheduler_type": "constant"}
+    add("learn-bundled", policy, {**learn, "eval_dataset": "megatune_pairs"}, None)
+    if LF_DEMO.is_file():
+        add("learn-lf_demo", policy, {**learn, "dataset": "dpo_en_demo", "eval_dataset": "dpo_en_demo", "max_samples": 40,
+                                      "dataset_dir": str(LF_DEMO.parent), "template": "qwen", "cutoff_len": 256}, None)
+    moe_policy = make_tiny_model("qwen3_moe", str(root / "moe_policy"), seed=3, with_tokenizer=True)
+    moe_reference = make_tiny_model("qwen3_moe", str(root / "moe_reference"), seed=4, with_tokenizer=True)
+    add("moe-ep2", moe_policy, {**DPO, "nproc_per_node": 2, "expert_model_parallel_size": 2, "moe_aux_loss_coeff": 0.0},
+        moe_reference)
+    add("straight", policy, RESUME_KEYS, reference)
+    # the straight run's step-2 checkpoint, copied into a fresh output_dir, resumed under TP=2
+
+    def copy_checkpoint():
+        import shutil
+
+        shutil.copytree(root / "straight" / "out" / "checkpoint-2", root / "resumed" / "out" / "checkpoint-2")
+
+    add("resumed", policy, {**RESUME_KEYS, "nproc_per_node": 2, "tensor_model_parallel_size": 2,
+                            "resume_from_checkpoint": "auto"}, reference, after=("world1",), prepare=copy_checkpoint)
+    return runs, cases
+
+
+def run_rows(dpo_runs, name: str) -> list[dict]:
+    runs, cases = dpo_runs
+    result = runs.get(name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return log_rows(cases[name][0] / "out")
+
+
+def check_step(dpo_runs, name: str) -> dict:
+    """Step 1 of case `name` against expected_step: pairs, loss, every metric, grad norm."""
+    row = run_rows(dpo_runs, name)[0]
+    _, values, reference = dpo_runs[1][name]
+    want, norm, pairs = expected_step(values, values.get("nproc_per_node", 1), reference)
     assert row["pairs"] == pairs
     assert row["loss"] == pytest.approx(want["loss"], abs=1e-5)
     for key in METRICS + (("sft_loss",) if "sft_loss" in want else ()):
@@ -107,85 +171,58 @@ def check_step(tmp_path, models, layout: dict, with_reference: bool = True, **ke
     return row
 
 
-@pytest.mark.parametrize("pref_loss", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
-def test_step_one_matches_the_formula_on_transformers_log_probs(tmp_path, models, pref_loss):
-    keys = {"pref_ftx": 0.5} if pref_loss == "sigmoid" else {}
-    row = check_step(tmp_path, models, {"nproc_per_node": 1}, pref_loss=pref_loss, **keys)
+PREF_LOSSES = ["sigmoid", "hinge", "ipo", "orpo", "simpo"]
+
+
+@pytest.mark.parametrize("pref_loss", PREF_LOSSES)
+def test_step_one_matches_the_formula_on_transformers_log_probs(dpo_runs, pref_loss):
+    row = check_step(dpo_runs, f"step1-{pref_loss}")
     assert ("sft_loss" in row) == (pref_loss in ("sigmoid", "orpo"))
 
 
-LAYOUTS = {
-    "dp2": dict(nproc_per_node=2, pref_loss="sigmoid"),
-    # with the 512-entry vocabulary padded to 768 rows (layers/vocab_padding.py), for policy and reference
-    "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True, pref_loss="ipo",
-                   make_vocab_size_divisible_by=384),
-    "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2, pref_loss="sigmoid"),
-}
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_parallel_layouts_match_the_formula(tmp_path, models, layout):
-    check_step(tmp_path, models, LAYOUTS[layout])
+def test_parallel_layouts_match_the_formula(dpo_runs, layout):
+    check_step(dpo_runs, f"layout-{layout}")
 
 
-def test_initial_policy_as_reference_gives_log_2(tmp_path, models):
-    row = check_step(tmp_path, models, {"nproc_per_node": 1}, with_reference=False)
+def test_initial_policy_as_reference_gives_log_2(dpo_runs):
+    row = check_step(dpo_runs, "log2")
     assert row["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert row["rewards/margins"] == 0 and row["rewards/accuracies"] == 0
 
 
-def learn(tmp_path, models, **keys):
+def learned(dpo_runs, name: str) -> dict:
     """20 steps; then an evaluation over the whole (training) set of pairs, whose reward accuracy
     at step 1 is 0 (reference == policy) and must have risen."""
-    policy, _ = models
-    config, _ = write_config(tmp_path, policy, **{**DPO, "learning_rate": 3e-3, "max_steps": 20, "eval_steps": 20,
-                                                  "eval_strategy": "steps", "lr_scheduler_type": "constant", **keys})
-    train(config)
-    rows = log_rows(tmp_path / "out")
+    rows = run_rows(dpo_runs, name)
     assert rows[0]["rewards/accuracies"] == 0  # reference == policy at step 1
     return rows[-1]
 
 
-def test_bundled_pairs_raise_reward_accuracy(tmp_path, models):
-    final = learn(tmp_path, models, eval_dataset="megatune_pairs")
+def test_bundled_pairs_raise_reward_accuracy(dpo_runs):
+    final = learned(dpo_runs, "learn-bundled")
     assert final["eval_rewards/accuracies"] >= 0.75, final  # 0 at step 1
     assert final["eval_rewards/margins"] > 0 and final["eval_loss"] < 0.6  # log 2 = 0.693 at step 1
 
 
-@pytest.mark.skipif(not (SHARED / "fixtures" / "lf_data" / "dpo_en_demo.json").is_file(), reason="needs ../shared fixtures")
-def test_llama_factory_dpo_demo_raises_reward_accuracy(tmp_path, models):
-    final = learn(tmp_path, models, dataset="dpo_en_demo", eval_dataset="dpo_en_demo", max_samples=40,
-                  dataset_dir=str(SHARED / "fixtures" / "lf_data"), template="qwen", cutoff_len=256)
+@pytest.mark.skipif(not LF_DEMO.is_file(), reason="needs ../shared fixtures")
+def test_llama_factory_dpo_demo_raises_reward_accuracy(dpo_runs):
+    final = learned(dpo_runs, "learn-lf_demo")
     assert final["eval_rewards/accuracies"] >= 0.6, final  # 0 at step 1
     assert final["eval_rewards/margins"] > 0 and final["eval_loss"] < math.log(2)
 
 
-def test_moe_policy_with_expert_parallelism(tmp_path):
+def test_moe_policy_with_expert_parallelism(dpo_runs):
     """A Qwen3-MoE policy and reference under EP=2 (the reference pass routes through Megatron's
     dispatcher too); the balancing loss is off so the gradient norm is the preference loss's alone."""
-    policy = make_tiny_model("qwen3_moe", str(tmp_path / "policy"), seed=3, with_tokenizer=True)
-    reference = make_tiny_model("qwen3_moe", str(tmp_path / "reference"), seed=4, with_tokenizer=True)
-    check_step(tmp_path, (policy, reference), dict(nproc_per_node=2, expert_model_parallel_size=2),
-               moe_aux_loss_coeff=0.0)
+    check_step(dpo_runs, "moe-ep2")
 
 
-def test_resume_reshards_and_continues_exactly(tmp_path, models):
+def test_resume_reshards_and_continues_exactly(dpo_runs):
     """A DPO checkpoint (1 process) resumed under TP=2: steps 3-4 repeat the straight run's loss
     and rewards (the reference model is reloaded from its folder, not from the checkpoint)."""
-    import shutil
-
-    policy, reference = models
-    keys = {**DPO, "learning_rate": 1e-3, "max_steps": 4, "save_steps": 2, "ref_model": reference}
-    (tmp_path / "straight").mkdir()
-    config, _ = write_config(tmp_path / "straight", policy, **keys)
-    train(config)
-    straight = log_rows(tmp_path / "straight" / "out")
-    (tmp_path / "resumed" / "out").mkdir(parents=True)
-    shutil.copytree(tmp_path / "straight" / "out" / "checkpoint-2", tmp_path / "resumed" / "out" / "checkpoint-2")
-    config, _ = write_config(tmp_path / "resumed", policy, **keys, nproc_per_node=2, tensor_model_parallel_size=2,
-                             resume_from_checkpoint="auto")
-    train(config)
-    resumed = log_rows(tmp_path / "resumed" / "out")
+    straight = run_rows(dpo_runs, "straight")
+    resumed = run_rows(dpo_runs, "resumed")
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):

@@ -6,14 +6,17 @@ step (with its load-balancing loss) against transformers; and the config transla
 On disk (transformers 5 save_pretrained): Mixtral keeps `block_sparse_moe.gate` and per-expert
 `block_sparse_moe.experts.{E}.w1/w3/w2`; Qwen2-MoE keeps per-expert `mlp.experts.{E}.*_proj`,
 `mlp.shared_expert.*_proj` and `mlp.shared_expert_gate`.
+
+The `megatune` runs are batched per world size (tests/multirun.py); each test asserts on its own
+case's outputs.
 """
 
 import pytest
 import torch
 
 from megatune.tiny import make_tiny_model
-from tests.conftest import run_megatune
-from tests.test_moe import check_training_step
+from tests.multirun import Batches
+from tests.test_moe import check_training_step, nproc_of, training_step_config
 from tests.test_verify import all_tensors, parse_diffs
 
 LAYOUTS = {
@@ -39,16 +42,33 @@ def moe_models(tmp_path_factory):
     return {t: make_tiny_model(t, str(root / t), seed=7, with_tokenizer=True) for t in EXPECTED}
 
 
+@pytest.fixture(scope="module")
+def family_runs(moe_models, tmp_path_factory):
+    """Every `megatune` run of this file; a case's outputs live in `root / case`."""
+    root = tmp_path_factory.mktemp("moe_family_runs")
+    runs = Batches(root / "batches")
+    for family, model in moe_models.items():
+        for layout, flags in LAYOUTS.items():
+            name = f"verify-{family}-{layout}"
+            runs.add(name, ["verify", "--model_name_or_path", model, *flags, "--export_path", root / name / "export"],
+                     nproc_of(flags))
+        name = f"train-{family}"
+        runs.add(name, ["train", training_step_config(model, dict(nproc_per_node=2, expert_model_parallel_size=2),
+                                                      root / name)], 2)
+    return runs, root
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", EXPECTED)
-def test_moe_family_matches_transformers_and_round_trips(moe_models, family, layout, tmp_path):
+def test_moe_family_matches_transformers_and_round_trips(moe_models, family_runs, family, layout):
     model = moe_models[family]
-    result = run_megatune("verify", "--model_name_or_path", model, *LAYOUTS[layout], "--export_path", str(tmp_path / "export"))
+    runs, root = family_runs
+    result = runs.get(f"verify-{family}-{layout}")
     assert result.returncode == 0, result.stderr[-3000:]
     diffs = parse_diffs(result.stdout)
     print(family, layout, diffs)
     assert diffs["max_abs_diff"] <= 1e-4
-    source, exported = all_tensors(model), all_tensors(tmp_path / "export")
+    source, exported = all_tensors(model), all_tensors(root / f"verify-{family}-{layout}" / "export")
     assert source.keys() == exported.keys()
     assert EXPECTED[family] in source
     assert any(".experts.3." in k for k in source)  # experts of both EP ranks written
@@ -57,10 +77,11 @@ def test_moe_family_matches_transformers_and_round_trips(moe_models, family, lay
 
 
 @pytest.mark.parametrize("family", EXPECTED)
-def test_moe_family_training_step_matches_reference(moe_models, family, tmp_path):
+def test_moe_family_training_step_matches_reference(moe_models, family_runs, family):
     """EP=2 SFT step: LM loss, load-balancing loss, grad norm and expert load equal a reference
     on transformers' model (tests/test_moe.py: reference_step)."""
-    check_training_step(moe_models[family], dict(nproc_per_node=2, expert_model_parallel_size=2), tmp_path)
+    runs, root = family_runs
+    check_training_step(runs.get(f"train-{family}"), moe_models[family], root / f"train-{family}")
 
 
 def _translate(model_dir, **hf_overrides):

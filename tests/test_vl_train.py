@@ -1,13 +1,17 @@
 """Vision-language training end to end on CPU: a training step on a multimodal global batch
 against transformers' Qwen2-VL on the same samples, export bit-exactness, refusing images for a
-text-only model, learning on our bundled image set and LLaMA-Factory's mllm_demo, freezing."""
+text-only model, learning on our bundled image set and LLaMA-Factory's mllm_demo, freezing.
+
+The `megatune train` runs are batched per world size (tests/multirun.py); each test asserts on
+its own case's outputs."""
 
 import pytest
 import torch
 
 from megatune.tiny import make_tiny_model
 from tests.conftest import REPO, SHARED
-from tests.test_train import log_rows, run_megatune, train, weights, write_config
+from tests.multirun import Batches
+from tests.test_train import log_rows, weights, write_config
 
 VL = dict(
     stage="sft",
@@ -71,24 +75,59 @@ LAYOUTS = {
     "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2),
 }
+MLLM_DEMO = SHARED / "fixtures" / "lf_data" / "mllm_demo.json"
+
+
+@pytest.fixture(scope="module")
+def vl_runs(vl_model, tmp_path_factory):
+    """Every `megatune train` run of this file: the batches and {case: (folder, YAML values)};
+    a case's output_dir is `folder / "out"`."""
+    root = tmp_path_factory.mktemp("vl_runs")
+    runs, cases = Batches(root / "batches"), {}
+
+    def add(name, model, keys):
+        (root / name).mkdir()
+        config, values = write_config(root / name, model, **keys)
+        runs.add(name, ["train", config], values.get("nproc_per_node", 1))
+        cases[name] = (root / name, values)
+
+    for layout, keys in LAYOUTS.items():
+        add(f"step-{layout}", vl_model, {**VL, **keys})
+    text_model = make_tiny_model("qwen3", str(root / "text"), with_tokenizer=True)
+    add("text_only", text_model, {**VL, "template": "qwen3_nothink"})
+    add("frozen_tower", vl_model, {**VL, "learning_rate": 1e-3, "max_steps": 30, "logging_steps": 5,
+                                   "lr_scheduler_type": "constant", "freeze_vision_tower": True})
+    if MLLM_DEMO.is_file():
+        add("mllm_demo", vl_model, {**VL, "dataset": "mllm_demo", "dataset_dir": str(MLLM_DEMO.parent), "cutoff_len": 2048,
+                                    "image_max_pixels": 128 * 128, "per_device_train_batch_size": 1,
+                                    "learning_rate": 1e-3, "max_steps": 12, "logging_steps": 3,
+                                    "lr_scheduler_type": "constant"})
+    return runs, cases
+
+
+def finished(vl_runs, name: str):
+    """(result, output folder, YAML values) of a case that must have succeeded."""
+    runs, cases = vl_runs
+    result = runs.get(name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result, cases[name][0] / "out", cases[name][1]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_training_step_matches_transformers_and_exports_bit_exact(tmp_path, vl_model, layout):
-    config, values = write_config(tmp_path, vl_model, **{**VL, **LAYOUTS[layout]})
-    train(config)
-    row = log_rows(tmp_path / "out")[0]
+def test_training_step_matches_transformers_and_exports_bit_exact(vl_runs, vl_model, layout):
+    _, out, values = finished(vl_runs, f"step-{layout}")
+    row = log_rows(out)[0]
     loss, norm, tokens, images = hf_step(values, LAYOUTS[layout]["nproc_per_node"])
     assert images >= 4  # every row of megatune_vision has an image: several per step
     assert row["loss_tokens"] == tokens
     assert row["loss"] == pytest.approx(loss, rel=1e-5)
     assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
-    before, after = weights(vl_model), weights(tmp_path / "out")
+    before, after = weights(vl_model), weights(out)
     assert before.keys() == after.keys()  # the published layout (visual.*, model.layers.*) written back
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert (tmp_path / "out" / "preprocessor_config.json").is_file()
+    assert (out / "preprocessor_config.json").is_file()
     if layout == "1proc":
-        generates_from_an_image(tmp_path / "out")
+        generates_from_an_image(out)
 
 
 def generates_from_an_image(folder):
@@ -110,37 +149,28 @@ def generates_from_an_image(folder):
     assert out.shape[1] == ids.shape[1] + 3
 
 
-def test_images_for_a_text_only_model_are_refused(tmp_path):
-    model = make_tiny_model("qwen3", str(tmp_path / "text"), with_tokenizer=True)
-    config, _ = write_config(tmp_path, model, **{**VL, "template": "qwen3_nothink"})
-    result = run_megatune("train", str(config))
+def test_images_for_a_text_only_model_are_refused(vl_runs):
+    result = vl_runs[0].get("text_only")
     assert result.returncode != 0
     assert "has no vision tower" in result.stderr and "megatune_vision" in result.stderr
 
 
-def test_learns_the_bundled_images_with_a_frozen_tower(tmp_path, vl_model):
-    config, _ = write_config(tmp_path, vl_model, **{**VL, "learning_rate": 1e-3, "max_steps": 30, "logging_steps": 5,
-                                                    "lr_scheduler_type": "constant", "freeze_vision_tower": True})
-    result = train(config)
+def test_learns_the_bundled_images_with_a_frozen_tower(vl_runs, vl_model):
+    result, out, _ = finished(vl_runs, "frozen_tower")
     assert "parameter tensors frozen" in result.stdout
-    rows = log_rows(tmp_path / "out")
+    rows = log_rows(out)
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
-    before, after = weights(vl_model), weights(tmp_path / "out")
+    before, after = weights(vl_model), weights(out)
     tower = [k for k in before if k.startswith("visual.") and not k.startswith("visual.merger.")]
     assert tower and all(torch.equal(before[k], after[k]) for k in tower)  # frozen: exported as loaded
     assert not torch.equal(before["visual.merger.mlp.0.weight"], after["visual.merger.mlp.0.weight"])  # projector trained
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
 
 
-@pytest.mark.skipif(not (SHARED / "fixtures" / "lf_data" / "mllm_demo.json").is_file(), reason="needs ../shared fixtures")
-def test_llama_factory_mllm_demo_trains(tmp_path, vl_model):
-    config, _ = write_config(tmp_path, vl_model, **{
-        **VL, "dataset": "mllm_demo", "dataset_dir": str(SHARED / "fixtures" / "lf_data"), "cutoff_len": 2048,
-        "image_max_pixels": 128 * 128, "per_device_train_batch_size": 1, "learning_rate": 1e-3, "max_steps": 12,
-        "logging_steps": 3, "lr_scheduler_type": "constant",
-    })
-    train(config)
-    rows = log_rows(tmp_path / "out")
+@pytest.mark.skipif(not MLLM_DEMO.is_file(), reason="needs ../shared fixtures")
+def test_llama_factory_mllm_demo_trains(vl_runs):
+    _, out, _ = finished(vl_runs, "mllm_demo")
+    rows = log_rows(out)
     assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
 
 
