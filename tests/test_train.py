@@ -2,6 +2,10 @@
 
 Ground truth is transformers: the first step's loss and gradient norm must equal those of the
 HF model on the same global batch (token mean over all micro-batches and data-parallel ranks).
+
+Runs without an injected fault or a signal are batched per world size (tests/multirun.py: one set
+of worker processes runs every case of a batch in turn); each test asserts on its own case's
+outputs. The others start `megatune` as a user does.
 """
 
 import json
@@ -19,6 +23,7 @@ import yaml
 
 from megatune.tiny import make_tiny_model
 from tests.conftest import REPO, run_megatune
+from tests.multirun import Batches
 
 BASE = dict(
     stage="sft",
@@ -110,11 +115,88 @@ LAYOUTS = {
 }
 
 
+TP2_SP = dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True)
+RESUME = dict(max_steps=6, save_steps=3, val_size=4)
+RESUMED = {"tp2": TP2_SP, "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2)}
+REFUSALS = {
+    "stage: kto": (dict(stage="kto"), "stage='kto' is not supported; choose one of: pt, sft, dpo"),
+    "lora": (dict(finetuning_type="lora"), "finetuning_type='lora' is not supported; choose one of: full"),
+    "min_lr": (dict(max_steps=4, min_lr=1.0), "min_lr=1.0 is above learning_rate=0.001"),
+    "do_train": (dict(do_train=False), "do_train: false"),
+}
+
+
+def refusal_case(name: str) -> str:
+    return "refused-" + name.split(":")[0]
+
+
+@pytest.fixture(scope="module")
+def train_runs(model_dir, tmp_path_factory):
+    """The batched runs of this file: the batches, and {case: YAML values} of the `train` cases.
+    A case's folder is `root / case` (its run.yaml, output_dir `out`)."""
+    root = tmp_path_factory.mktemp("train_runs")
+    runs, values = Batches(root / "batches"), {}
+
+    def add(name, *args, batch=None, after=(), prepare=None, **overrides):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        config, values[name] = write_config(root / name, model_dir, **overrides)
+        runs.add(name, ["train", config, *args], values[name].get("nproc_per_node", 1), batch, after, prepare)
+
+    for layout, keys in LAYOUTS.items():
+        add(f"layout-{layout}", learning_rate=0.0, max_steps=2, **keys)
+    add("straight", eval_steps=3, plot_loss=True, report_to="tensorboard", **RESUME, **TP2_SP)
+    add("rotated", max_steps=3, save_steps=1, save_total_limit=2, nproc_per_node=2, tensor_model_parallel_size=2)
+    checkpoint = root / "rotated" / "out" / "checkpoint-3"
+    # first in its processes: the checkpoint load's warnings (none may show) are not yet said once
+    runs.add("export-pp2", ["export", "--checkpoint_path", checkpoint, "--output_path", root / "pp2",
+                            "--nproc_per_node", "2", "--pipeline_model_parallel_size", "2"], 2, "after2", ("world2",))
+
+    def copy_checkpoint(name):
+        return lambda: shutil.copytree(root / "straight" / "out" / "checkpoint-3",
+                                       root / f"resumed-{name}" / "out" / "checkpoint-3")
+
+    for name, layout in RESUMED.items():
+        add(f"resumed-{name}", resume_from_checkpoint="auto", batch="after2", prepare=copy_checkpoint(name),
+            **RESUME, **layout)
+    runs.add("export-bf16", ["export", "--checkpoint_path", checkpoint, "--output_path", root / "bf16",
+                             "--dtype", "bfloat16"], 1, after=("world2",))
+    runs.add("export-run_folder", ["export", "--checkpoint_path", root / "rotated" / "out", "--output_path",
+                                   root / "x"], 1)
+    runs.add("export-int8", ["export", "--checkpoint_path", checkpoint, "--output_path", root / "x",
+                             "--dtype", "int8"], 1)
+
+    data = root / "pt_data"  # plain text for stage: pt
+    data.mkdir()
+    words = "the model learns from data one token at a time".split()
+    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(40))} for i in range(30)]
+    (data / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "dataset_info.json").write_text(json.dumps({"corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}}))
+    add("pt", stage="pt", dataset="corpus", dataset_dir=str(data), cutoff_len=64, max_steps=3, template=None)
+
+    for name, (overrides, _) in REFUSALS.items():
+        add(refusal_case(name), **overrides)
+    # an output_dir with checkpoints is neither silently continued nor overwritten
+    (root / "refused-held" / "out" / "checkpoint-3").mkdir(parents=True)
+    (root / "refused-held" / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    add("refused-held")
+    runs.add("refused-nowhere", ["train", root / "refused-held" / "run.yaml", "--resume_from_checkpoint",
+                                 root / "nowhere"], 1)
+    return runs, values, root
+
+
+def finished(train_runs, name: str):
+    """(result, output_dir) of a batched `train` case that must have succeeded."""
+    runs, _, root = train_runs
+    result = runs.get(name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result, root / name / "out"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_loss_and_grad_norm_match_transformers_and_lr0_keeps_weights(tmp_path, model_dir, layout):
-    config, values = write_config(tmp_path, model_dir, learning_rate=0.0, max_steps=2, **LAYOUTS[layout])
-    train(config)
-    rows = log_rows(tmp_path / "out")
+def test_loss_and_grad_norm_match_transformers_and_lr0_keeps_weights(train_runs, model_dir, layout):
+    _, out = finished(train_runs, f"layout-{layout}")
+    values = train_runs[1][f"layout-{layout}"]
+    rows = log_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         ref_loss, ref_norm, ref_tokens = hf_step(model_dir, values, row["step"])
@@ -122,22 +204,16 @@ def test_loss_and_grad_norm_match_transformers_and_lr0_keeps_weights(tmp_path, m
         assert row["loss"] == pytest.approx(ref_loss, rel=1e-5)
         assert row["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
     # learning_rate 0: the exported checkpoint holds exactly the input weights
-    before, after = weights(model_dir), weights(tmp_path / "out")
+    before, after = weights(model_dir), weights(out)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_loss_falls_and_resume_is_exact(tmp_path, model_dir):
+def test_loss_falls_and_resume_is_exact(train_runs):
     """6 steps straight vs resuming from the straight run's step-3 checkpoint (the state an
     interrupted run leaves, bit for bit) with TP=2: identical per-step losses and grad norms.
     The same checkpoint also resumes under PP=2 (resharded), with matching losses."""
-    tp2 = dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True)
-    common = dict(max_steps=6, save_steps=3, val_size=4)
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    config, _ = write_config(straight, model_dir, eval_steps=3, plot_loss=True, report_to="tensorboard", **common, **tp2)
-    train(config)
-    out = straight / "out"
+    _, out = finished(train_runs, "straight")
     rows = {r["step"]: r for r in log_rows(out)}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
     assert rows[6]["loss"] < rows[1]["loss"]
@@ -151,12 +227,8 @@ def test_loss_falls_and_resume_is_exact(tmp_path, model_dir):
     assert losses == pytest.approx([rows[s]["loss"] for s in range(1, 7)], rel=1e-6)
     assert [e.step for e in events.Scalars("eval_loss")] == [3, 6]
 
-    for name, layout in {"tp2": tp2, "pp2": dict(nproc_per_node=2, pipeline_model_parallel_size=2)}.items():
-        resumed = tmp_path / name / "out"
-        resumed.mkdir(parents=True)
-        shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
-        cfg, _ = write_config(tmp_path / name, model_dir, resume_from_checkpoint="auto", **common, **layout)
-        result = train(cfg)
+    for name in RESUMED:
+        result, resumed = finished(train_runs, f"resumed-{name}")
         assert "resumed from" in result.stdout
         again = {r["step"]: r for r in log_rows(resumed)}
         assert sorted(again) == [4, 5, 6]
@@ -168,36 +240,31 @@ def test_loss_falls_and_resume_is_exact(tmp_path, model_dir):
                 assert again[step]["loss"] == pytest.approx(rows[step]["loss"], rel=1e-5)
 
 
-def test_export_command_reshards_a_checkpoint(tmp_path, model_dir):
-    config, _ = write_config(tmp_path, model_dir, max_steps=3, save_steps=1, save_total_limit=2,
-                             nproc_per_node=2, tensor_model_parallel_size=2)
-    train(config)
-    out = tmp_path / "out"
+def test_export_command_reshards_a_checkpoint(train_runs, model_dir):
+    runs, _, root = train_runs
+    _, out = finished(train_runs, "rotated")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # rotated
-    result = run_megatune("export", "--checkpoint_path", str(out / "checkpoint-3"), "--output_path",
-                          str(tmp_path / "pp2"), "--nproc_per_node", "2", "--pipeline_model_parallel_size", "2")
+    result = runs.get("export-pp2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FutureWarning" not in result.stdout + result.stderr  # loading the checkpoint is quiet
-    result = run_megatune("export", "--checkpoint_path", str(out / "checkpoint-3"), "--output_path",
-                          str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    result = runs.get("export-bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
-    resharded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pp2")).state_dict()
-    half = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    resharded = AutoModelForCausalLM.from_pretrained(str(root / "pp2")).state_dict()
+    half = AutoModelForCausalLM.from_pretrained(str(root / "bf16"))
     assert all(torch.equal(final[k], resharded[k]) for k in final)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     assert all(torch.equal(final[k].bfloat16(), v) for k, v in half.state_dict().items())
     # the tokenizer travels with the checkpoint, with the template's eos (LLaMA-Factory's
     # replace_eos: the tiny base tokenizer ends with <|endoftext|>, qwen3_nothink answers with <|im_end|>)
     assert AutoTokenizer.from_pretrained(model_dir).eos_token == "<|endoftext|>"
-    for folder in (out, tmp_path / "bf16", tmp_path / "pp2"):
+    for folder in (out, root / "bf16", root / "pp2"):
         assert AutoTokenizer.from_pretrained(str(folder)).eos_token == "<|im_end|>"
-    bad = run_megatune("export", "--checkpoint_path", str(out), "--output_path", str(tmp_path / "x"))
+    bad = runs.get("export-run_folder")
     assert bad.returncode == 2 and "is not a complete megatune checkpoint" in bad.stderr
-    bad = run_megatune("export", "--checkpoint_path", str(out / "checkpoint-3"), "--output_path",
-                       str(tmp_path / "x"), "--dtype", "int8")
+    bad = runs.get("export-int8")
     assert bad.returncode == 2 and "--dtype int8 is not supported" in bad.stderr
 
 
@@ -287,42 +354,24 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(tmp_path, model_dir):
     assert "checkpoint saved. Continue with --resume_from_checkpoint auto" in stdout
 
 
-def test_refusals(tmp_path, model_dir):
-    cases = {
-        "stage: kto": (dict(stage="kto"), "stage='kto' is not supported; choose one of: pt, sft, dpo"),
-        "lora": (dict(finetuning_type="lora"), "finetuning_type='lora' is not supported; choose one of: full"),
-        "min_lr": (dict(max_steps=4, min_lr=1.0), "min_lr=1.0 is above learning_rate=0.001"),
-        "do_train": (dict(do_train=False), "do_train: false"),
-    }
-    for name, (overrides, message) in cases.items():
-        (tmp_path / name).mkdir()
-        config, _ = write_config(tmp_path / name, model_dir, **overrides)
-        result = run_megatune("train", str(config))
+def test_refusals(train_runs):
+    runs = train_runs[0]
+    for name, (_, message) in REFUSALS.items():
+        result = runs.get(refusal_case(name))
         assert result.returncode == 2, (name, result.stderr[-2000:])
         assert message in result.stderr, (name, result.stderr[-2000:])
     # an output_dir with checkpoints is neither silently continued nor overwritten
-    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    config, _ = write_config(tmp_path, model_dir)
-    result = run_megatune("train", str(config))
+    result = runs.get("refused-held")
     assert result.returncode == 2 and "already holds checkpoints [3]; set resume_from_checkpoint: auto" in result.stderr
-    result = run_megatune("train", str(config), "--resume_from_checkpoint", str(tmp_path / "nowhere"))
+    result = runs.get("refused-nowhere")
     assert result.returncode == 2 and "is not a complete megatune checkpoint" in result.stderr
 
 
-def test_pretraining_stage_packs_text_into_cutoff_blocks(tmp_path, model_dir):
+def test_pretraining_stage_packs_text_into_cutoff_blocks(train_runs):
     """stage: pt on plain text: every sequence is a full cutoff_len block, all tokens learned."""
-    data = tmp_path / "data"
-    data.mkdir()
-    words = "the model learns from data one token at a time".split()
-    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(40))} for i in range(30)]
-    (data / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "dataset_info.json").write_text(json.dumps({"corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}}))
-    config, values = write_config(tmp_path, model_dir, stage="pt", dataset="corpus", dataset_dir=str(data),
-                                  cutoff_len=64, max_steps=3, template=None)
-    result = train(config)
+    result, out = finished(train_runs, "pt")
     assert "truncated=0" in result.stdout
-    rows = log_rows(tmp_path / "out")
+    rows = log_rows(out)
     # 2 sequences of 64 tokens per step, every position but each block's last is a target
     assert [r["loss_tokens"] for r in rows] == [2 * 63] * 3
     assert rows[-1]["loss"] < rows[0]["loss"]
