@@ -50,3 +50,26 @@ def run_megatune(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         env=env,
         cwd=REPO,
     )
+
+
+@pytest.fixture(scope="session")
+def megatune_env():
+    """One `megatune env` run, shared by the tests that read its report."""
+    return run_megatune("env", timeout=300)
+
+
+@pytest.fixture
+def megatune_in_process(capsys):
+    """`megatune <args>` through the CLI's `main` in this process -> CompletedProcess. For
+    commands that must fail in the launcher's own checks, before any worker could start: their
+    exit code and output are those of a fresh interpreter (`python -m megatune` is
+    `raise SystemExit(main())`), without its seconds of imports."""
+    from megatune.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["megatune", *map(str, args)], code, out.out, out.err)
+
+    return run

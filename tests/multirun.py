@@ -41,6 +41,11 @@ class Run:
     stderr: str
 
 
+def nproc_of(flags: list[str]) -> int:
+    """The process count a `megatune` command line asks for (--nproc_per_node, default 1)."""
+    return int(flags[flags.index("--nproc_per_node") + 1]) if "--nproc_per_node" in flags else 1
+
+
 def _free_ports(count: int) -> list[int]:
     """`count` distinct free TCP ports (held open together while picked, so none repeats)."""
     sockets = []

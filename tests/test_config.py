@@ -95,7 +95,7 @@ def test_data_parallel_size_follows_megatron_rule():
     assert "data-parallel size 4" in layout.describe() and "= 60 sequences per step" in layout.describe()
 
 
-def test_cli_prints_one_line_per_problem_without_traceback(tmp_path):
+def test_cli_prints_one_line_per_problem_without_traceback(tmp_path, megatune_in_process):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "qwen3", **HF}))
     result = run_megatune(
@@ -107,7 +107,9 @@ def test_cli_prints_one_line_per_problem_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "megatune: error: command line: unknown key 'sequence_paralel'; did you mean 'sequence_parallel'?"
     ]
-    result = run_megatune("verify", "--model_name_or_path", str(tmp_path / "m"), "--tensor_model_parallel_size", "8", "--nproc_per_node", "8")
+    # the launcher's layout checks (in this process: no worker may start, a traceback would fail the test)
+    result = megatune_in_process("verify", "--model_name_or_path", str(tmp_path / "m"), "--tensor_model_parallel_size", "8",
+                                 "--nproc_per_node", "8")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 2, result.stderr  # heads, query groups
     assert all(line.startswith("megatune: error: ") for line in lines)

@@ -53,12 +53,14 @@ def test_data_command_writes_samples_and_summary(tokenizer_dir, tmp_path):
     assert sum(len(r["doc_lens"]) for r in rows) == 40  # 30 identity rows + 10 chats, none lost
 
 
-def test_data_command_streams_the_same_samples(tokenizer_dir, tmp_path):
-    """`streaming: true`: one pass over the stream, written as read, equal to the in-memory path."""
+def test_data_command_streams_the_same_samples(tokenizer_dir, tmp_path, megatune_in_process):
+    """`streaming: true`: one pass over the stream, written as read, equal to the in-memory path.
+    (The command runs in this process; test_data_command_writes_samples_and_summary runs it as a
+    user does.)"""
     outputs = {}
     for streaming in ("false", "true"):
         out = tmp_path / f"samples_{streaming}.jsonl"
-        result = run_megatune(
+        result = megatune_in_process(
             "data", "--model_name_or_path", tokenizer_dir, "--dataset", "megatune_chat,megatune_identity",
             "--dataset_dir", str(REPO / "data"), "--template", "qwen3", "--cutoff_len", "128", "--max_samples", "4",
             "--streaming", streaming, "--val_size", "2", "--output", str(out),  # no split here

@@ -20,7 +20,7 @@ import torch
 
 from megatune.tiny import make_tiny_model
 from tests.conftest import REPO
-from tests.multirun import Batches
+from tests.multirun import Batches, nproc_of
 from tests.test_verify import all_tensors, parse_diffs
 
 MOE = ["--moe_grouped_gemm", "false", "--moe_token_dispatcher_type", "allgather"]
@@ -42,10 +42,6 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def moe_model(tmp_path_factory):
     return make_tiny_model("qwen3_moe", str(tmp_path_factory.mktemp("moe") / "tiny"), seed=5, with_tokenizer=True)
-
-
-def nproc_of(flags: list[str]) -> int:
-    return int(flags[flags.index("--nproc_per_node") + 1]) if "--nproc_per_node" in flags else 1
 
 
 @pytest.fixture(scope="module")

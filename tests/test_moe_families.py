@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megatune.tiny import make_tiny_model
-from tests.multirun import Batches
-from tests.test_moe import check_training_step, nproc_of, training_step_config
+from tests.multirun import Batches, nproc_of
+from tests.test_moe import check_training_step, training_step_config
 from tests.test_verify import all_tensors, parse_diffs
 
 LAYOUTS = {

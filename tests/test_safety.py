@@ -16,6 +16,7 @@ import yaml
 
 from megatune.tiny import make_tiny_model
 from tests.conftest import REPO, run_megatune
+from tests.multirun import Batches
 
 BASE = dict(
     stage="sft",
@@ -52,11 +53,17 @@ def snapshot(folder: Path) -> dict:
 
 
 def test_overwrite_output_dir_deletes_nothing_until_the_new_run_saves(tmp_path, model_dir):
-    first = run_megatune("train", str(write_config(tmp_path, model_dir, max_steps=2, save_steps=2)))
-    assert first.returncode == 0, first.stderr[-3000:]
+    """The runs go in three batches (tests/multirun.py): the first run, the four failing starts,
+    the run that saves."""
+    runs = Batches(tmp_path / "batches")
+    runs.add("first", ["train", write_config(tmp_path, model_dir, max_steps=2, save_steps=2)], 1, "first")
     out = tmp_path / "out"
-    before = snapshot(out)
-    assert "checkpoint-2/trainer_state.json" in before and "trainer_log.jsonl" in before
+    state = {}
+
+    def take_snapshot():
+        first = runs.get("first")
+        assert first.returncode == 0, first.stderr[-3000:]
+        state["before"] = snapshot(out)
 
     broken_model = tmp_path / "broken_model"
     shutil.copytree(model_dir, broken_model)
@@ -68,13 +75,21 @@ def test_overwrite_output_dir_deletes_nothing_until_the_new_run_saves(tmp_path, 
         "model": dict(model_name_or_path=str(broken_model)),
     }
     for kind, overrides in failing.items():
-        result = run_megatune("train", str(write_config(tmp_path, model_dir, overwrite_output_dir=True, **overrides)))
+        runs.add(kind, ["train", write_config(tmp_path, model_dir, overwrite_output_dir=True, **overrides)], 1, "failing",
+                 ("first",), take_snapshot)
+    # a run that saves takes the folder over: the old checkpoints and log rows go
+    runs.add("again", ["train", write_config(tmp_path, model_dir, overwrite_output_dir=True, max_steps=1, save_steps=1)],
+             1, "again", ("failing",))
+
+    for kind in failing:
+        result = runs.get(kind)
         assert result.returncode != 0, (kind, result.stdout[-2000:])
         assert "Traceback" not in result.stderr, (kind, result.stderr[-3000:])
-        assert snapshot(out) == before, kind
+    before = state["before"]
+    assert "checkpoint-2/trainer_state.json" in before and "trainer_log.jsonl" in before
+    assert snapshot(out) == before  # after all four failing starts: not a byte changed
 
-    # a run that saves takes the folder over: the old checkpoints and log rows go
-    again = run_megatune("train", str(write_config(tmp_path, model_dir, overwrite_output_dir=True, max_steps=1, save_steps=1)))
+    again = runs.get("again")
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert [json.loads(line)["step"] for line in (out / "trainer_log.jsonl").read_text().splitlines()] == [1]
@@ -197,12 +212,13 @@ def test_a_signal_to_the_launcher_saves_even_with_stdout_gone(tmp_path, model_di
     assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
 
 
-def test_a_setting_only_megatron_checks_fails_in_the_launcher(tmp_path):
+def test_a_setting_only_megatron_checks_fails_in_the_launcher(tmp_path, megatune_in_process):
     """A setting our config accepts but Megatron's TransformerConfig refuses (padding expert
-    inputs to a capacity that is not set) fails before any worker starts: one line, exit 2."""
+    inputs to a capacity that is not set) fails before any worker starts: one line, exit 2.
+    (The launcher's checks run in this process: nothing may start a worker.)"""
     moe = make_tiny_model("qwen3_moe", str(tmp_path / "moe"), seed=3, with_tokenizer=True)
     config = write_config(tmp_path, moe, nproc_per_node=2, moe_pad_expert_input_to_capacity=True)
-    result = run_megatune("train", str(config))
+    result = megatune_in_process("train", str(config))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert lines == ["megatune: error: Megatron refuses this model configuration: moe_expert_capacity_factor "

@@ -70,13 +70,13 @@ def test_hf_trainer_key_snapshot_is_the_installed_transformers():
     assert set(HF_TRAINER_KEYS) == hf_trainer_keys()
 
 
-def test_world_size_that_does_not_fit_suggests_nproc(tmp_path):
+def test_world_size_that_does_not_fit_suggests_nproc(tmp_path, megatune_in_process):
     model = make_tiny_model("qwen3", str(tmp_path / "tiny"), seed=0, with_tokenizer=True)
-    result = run_megatune("verify", "--model_name_or_path", model, "--tensor_model_parallel_size", "2")
+    result = megatune_in_process("verify", "--model_name_or_path", model, "--tensor_model_parallel_size", "2")
     assert result.returncode == 2
     assert "world size 1 is not divisible" in result.stderr and "--nproc_per_node 2" in result.stderr
-    result = run_megatune("verify", "--model_name_or_path", model, "--nproc_per_node", "3",
-                          "--tensor_model_parallel_size", "2")
+    result = megatune_in_process("verify", "--model_name_or_path", model, "--nproc_per_node", "3",
+                                 "--tensor_model_parallel_size", "2")
     assert result.returncode == 2 and "--nproc_per_node 4" in result.stderr
 
 
@@ -311,9 +311,10 @@ def test_exported_weights_have_their_neighbours_file_mode(finished_run):
     assert weights & stat.S_IRGRP  # not private (safetensors alone leaves 0600)
 
 
-def test_export_on_a_run_folder_names_its_checkpoints(finished_run, tmp_path):
+def test_export_on_a_run_folder_names_its_checkpoints(finished_run, tmp_path, megatune_in_process):
     out, _, _ = finished_run
-    result = run_megatune("export", "--checkpoint_path", str(out), "--output_path", str(tmp_path / "hf"))
+    # refused by the command's own checks (in this process: no worker may start)
+    result = megatune_in_process("export", "--checkpoint_path", str(out), "--output_path", str(tmp_path / "hf"))
     assert result.returncode == 2
     assert "it is a run folder" in result.stderr and "checkpoint-2, checkpoint-4" in result.stderr
     assert f"--checkpoint_path {out / 'checkpoint-4'}" in result.stderr
@@ -336,10 +337,10 @@ def test_wandb_offline_run_logs_the_rows(finished_run):
     assert b"eval/loss" in data and json.dumps(rows[-1]["eval_loss"]).encode() in data
 
 
-def test_env_lists_what_a_bug_report_needs():
+def test_env_lists_what_a_bug_report_needs(megatune_env):
     import importlib.metadata
 
-    result = run_megatune("env", timeout=300)
+    result = megatune_env
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     for dist, label in (("torch", "torch"), ("megatron-core", "megatron-core"), ("transformers", "transformers"),

@@ -1,4 +1,8 @@
-"""HF <-> Megatron parity for every dense family and layout, and bit-exact export round trips."""
+"""HF <-> Megatron parity for every dense family and layout, and bit-exact export round trips.
+
+The `megatune verify` runs are batched per world size (tests/multirun.py: one set of worker
+processes runs every case of a batch in turn); each test asserts on its own case's outputs.
+"""
 
 import dataclasses
 import json
@@ -9,6 +13,7 @@ from safetensors.torch import load_file
 
 from megatune.models.hf_io import SafetensorsSource
 from tests.conftest import run_megatune
+from tests.multirun import Batches, nproc_of
 
 LAYOUTS = {
     "tp1": [],
@@ -29,22 +34,36 @@ def parse_diffs(stdout: str) -> dict[str, float]:
     return {k: float(v) for k, v in (part.split("=") for part in line.split()[:3])}
 
 
+@pytest.fixture(scope="module")
+def verify_runs(tiny_models, vl_verify_models, tmp_path_factory):
+    """The batched `megatune verify` runs of this file; a case's --export_path is `root / case`."""
+    root = tmp_path_factory.mktemp("verify_runs")
+    runs = Batches(root / "batches")
+    for family, model in tiny_models.items():
+        for layout, flags in LAYOUTS.items():
+            export = ["--export_path", root / f"{family}-{layout}"] if layout in EXPORT_LAYOUTS else []
+            runs.add(f"{family}-{layout}", ["verify", "--model_name_or_path", model, *flags, *export], nproc_of(flags))
+    for family, model in vl_verify_models.items():
+        runs.add(f"{family}-pp2", ["verify", "--model_name_or_path", model, *LAYOUTS["pp2"],
+                                   "--export_path", root / f"{family}-pp2"], 2)
+    runs.add("tolerance", ["verify", "--model_name_or_path", tiny_models["llama"], "--tolerance", "-1"], 1)
+    return runs, root
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_verify_matches_transformers(tiny_models, family, layout, tmp_path):
-    args = ["verify", "--model_name_or_path", tiny_models[family], *LAYOUTS[layout]]
-    if layout in EXPORT_LAYOUTS:
-        args += ["--export_path", str(tmp_path / "export")]
-    result = run_megatune(*args)
+def test_verify_matches_transformers(tiny_models, verify_runs, family, layout):
+    runs, root = verify_runs
+    result = runs.get(f"{family}-{layout}")
     assert result.returncode == 0, result.stderr[-3000:]
     diffs = parse_diffs(result.stdout)
     assert diffs["max_abs_diff"] <= 1e-4 and diffs["tolerance"] == 1e-4
     if layout in EXPORT_LAYOUTS:
-        source, exported = all_tensors(tiny_models[family]), all_tensors(tmp_path / "export")
+        source, exported = all_tensors(tiny_models[family]), all_tensors(root / f"{family}-{layout}")
         assert source.keys() == exported.keys()
         for name, tensor in source.items():
             assert tensor.dtype == exported[name].dtype and torch.equal(tensor, exported[name]), name
-        config = json.loads((tmp_path / "export" / "config.json").read_text())
+        config = json.loads((root / f"{family}-{layout}" / "config.json").read_text())
         assert config["model_type"] == family and config["dtype"] == "float32"
 
 
@@ -104,15 +123,15 @@ def test_verify_fails_when_a_mapping_is_wrong(tiny_models, monkeypatch):
     assert not result.passed and result.max_abs_diff > 1e-2
 
 
-def test_verify_exit_code_is_1_above_tolerance(tiny_models):
-    result = run_megatune("verify", "--model_name_or_path", tiny_models["llama"], "--tolerance", "-1")
+def test_verify_exit_code_is_1_above_tolerance(verify_runs):
+    result = verify_runs[0].get("tolerance")
     assert result.returncode == 1
     assert result.stdout.strip().splitlines()[-1].endswith("tolerance=-1 FAIL")
 
 
-def test_unsupported_model_type_lists_supported(tmp_path):
+def test_unsupported_model_type_lists_supported(tmp_path, megatune_in_process):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_attention_heads": 4}))
-    result = run_megatune("verify", "--model_name_or_path", str(tmp_path))
+    result = megatune_in_process("verify", "--model_name_or_path", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"megatune: error: {tmp_path}/config.json: model_type 'gpt2' is not supported; "
@@ -128,8 +147,8 @@ def test_pytorch_bin_checkpoint_gets_a_clear_error(tmp_path):
         SafetensorsSource(tmp_path)
 
 
-def test_env_reports_versions_and_backend():
-    result = run_megatune("env")
+def test_env_reports_versions_and_backend(megatune_env):
+    result = megatune_env
     assert result.returncode == 0
     out = result.stdout
     assert f"torch: {torch.__version__}" in out
@@ -138,10 +157,10 @@ def test_env_reports_versions_and_backend():
     assert expected in out and "attention: " in out
 
 
-def test_unsupported_variant_of_a_family_is_refused(tmp_path):
+def test_unsupported_variant_of_a_family_is_refused(tmp_path, megatune_in_process):
     hf = {"model_type": "llama", "num_attention_heads": 4, "attention_bias": True, "rope_parameters": {"rope_type": "yarn"}}
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    result = run_megatune("verify", "--model_name_or_path", str(tmp_path))
+    result = megatune_in_process("verify", "--model_name_or_path", str(tmp_path))
     assert result.returncode == 2
     assert "rope type 'yarn' is not supported yet" in result.stderr
     assert "llama with attention_bias: true (bias on o_proj too) is not supported" in result.stderr
@@ -157,17 +176,15 @@ def vl_verify_models(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["pp2"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_verify_vision_language_models(vl_verify_models, family, layout, tmp_path):
+def test_verify_vision_language_models(vl_verify_models, verify_runs, family, layout):
     """`megatune verify` on a VL checkpoint runs a synthetic image and tokens through both sides;
     with --export_path the written checkpoint is bit-identical, in the layout it was read in.
     (1 process and TP=2+SP parity of the same model class: tests/test_vision_language.py.)"""
-    args = ["verify", "--model_name_or_path", vl_verify_models[family], *LAYOUTS[layout]]
-    if layout == "pp2":
-        args += ["--export_path", str(tmp_path / "export")]
-    result = run_megatune(*args)
+    runs, root = verify_runs
+    result = runs.get(f"{family}-{layout}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert parse_diffs(result.stdout)["max_abs_diff"] <= 1e-4
     if layout == "pp2":
-        source, exported = all_tensors(vl_verify_models[family]), all_tensors(tmp_path / "export")
+        source, exported = all_tensors(vl_verify_models[family]), all_tensors(root / f"{family}-{layout}")
         assert source.keys() == exported.keys() and any(k.startswith("visual.") for k in source)
         assert all(torch.equal(source[k], exported[k]) for k in source)
