@@ -2,12 +2,13 @@
 
 Every `megatune train|verify|export` run of the suite used to start fresh interpreters: a launcher
 and one worker per rank, each importing torch, Megatron and transformers (about 12 s of CPU per
-process on the CI's 2 cores), for runs whose own work takes a few seconds. `run_batch` starts
+process on a 2-core machine), for runs whose own work takes a few seconds. `run_batch` starts
 `nproc` workers once and has each call `megatune.cli.main(argv)` for every case in turn, exactly as
 a worker started by megatune's launcher does (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
 environment; the pre-flight checks run in every rank since no launcher ran them). Each case gets
 its own rendezvous port, its own process group and Megatron parallel state (the command sets them
-up and tears them down itself), and its own stdout/stderr files.
+up and tears them down itself; rank 0 picks the port just before the case, as megatune's launcher
+does, and hands it to the others through a file), and its own stdout/stderr files.
 
 What this does not exercise is megatune's launcher (spawning, signal forwarding, one error
 message per failed run): tests of those keep starting `megatune` as a user does
@@ -25,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,43 +48,33 @@ def nproc_of(flags: list[str]) -> int:
     return int(flags[flags.index("--nproc_per_node") + 1]) if "--nproc_per_node" in flags else 1
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports (held open together while picked, so none repeats)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+PEER_GRACE_S = 10.0  # after a worker dies, how long the others may take to fail on their own
 
 
-def run_batch(cases: dict[str, list[str]], nproc: int, folder: Path, timeout: int = 1800,
-              env: dict | None = None) -> dict[str, Run]:
+def run_batch(cases: dict[str, list[str]], nproc: int, folder: Path, timeout: int = 1800) -> dict[str, Run]:
     """Run `megatune <argv>` for each case (in dict order) in one set of `nproc` processes.
 
-    Returns {case name: Run}; a case that has no result (its batch died or timed out before it
-    finished) maps to a Run with returncode -1 whose stderr holds the batch's output tail."""
+    Returns {case name: Run}; a case that has no result (its batch died or ran past `timeout`
+    seconds before it finished) maps to a Run with returncode -1 whose stderr holds the tail of
+    the workers' output."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ports = _free_ports(len(cases))
     spec = folder / "batch.json"
-    spec.write_text(json.dumps({"out": str(folder), "cases": [[name, argv, port] for (name, argv), port
-                                                              in zip(cases.items(), ports)]}))
-    base = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1"}
+    spec.write_text(json.dumps({"out": str(folder), "cases": [[name, argv] for name, argv in cases.items()]}))
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "OMP_NUM_THREADS": "1"}
     logs = [open(folder / f"worker{r}.log", "w") for r in range(nproc)]
     procs = [subprocess.Popen([sys.executable, __file__, str(spec)], cwd=REPO, stdout=logs[r], stderr=subprocess.STDOUT,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(nproc)]
+    deadline, died_at = time.monotonic() + timeout, None
     try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if died_at is None and any(p.returncode not in (None, 0) for p in procs):
+                died_at = time.monotonic()  # a peer may wait in a collective until its timeout
+            if died_at is not None and time.monotonic() - died_at > PEER_GRACE_S:
+                break
+            time.sleep(0.1)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -172,6 +164,28 @@ def _restore(saved) -> None:
         os.close(old)
 
 
+PORT_WAIT_S = 1500  # how long a rank waits for rank 0 to reach the next case
+
+
+def _case_port(out: Path, name: str, rank: int) -> int:
+    """The case's rendezvous port: rank 0 takes a free one (as late as possible, so nothing else
+    takes it first) and publishes it in `out/<name>.port`; the other ranks read it from there."""
+    path = out / f"{name}.port"
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        path.with_suffix(".tmp").write_text(str(port))
+        path.with_suffix(".tmp").rename(path)
+        return port
+    deadline = time.monotonic() + PORT_WAIT_S
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not reach case {name!r} in {PORT_WAIT_S} s")
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
 def _worker(spec_path: str) -> None:
     import traceback
 
@@ -179,8 +193,8 @@ def _worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     out, rank = Path(spec["out"]), int(os.environ["RANK"])
-    for name, argv, port in spec["cases"]:
-        os.environ["MASTER_PORT"] = str(port)
+    for name, argv in spec["cases"]:
+        os.environ["MASTER_PORT"] = str(_case_port(out, name, rank))
         saved = _redirected(str(out / f"{name}.rank{rank}.stdout"), str(out / f"{name}.rank{rank}.stderr"))
         crashed = False
         try:
