@@ -56,16 +56,18 @@ def moe_runs(moe_model, tmp_path_factory):
             runs.add(name, ["verify", "--model_name_or_path", moe_model, *flags, *layout_flags,
                             "--export_path", root / name / "export"], nproc_of(layout_flags))
         name = f"ep2_train-{experts}"
-        # moe_log_load and a capacity factor (a limit no expert reaches here: 2 x 2/4 of the
-        # tokens) ride along on the sequential run: test_expert_load_is_logged_per_moe_layer
-        options = (["--moe_log_load", "true", "--moe_expert_capacity_factor", "2.0"] if experts == "sequential" else [])
-        runs.add(name, ["train", "--model_name_or_path", moe_model, *EXPERTS[experts][0], *ALLTOALL, *options,
+        runs.add(name, ["train", "--model_name_or_path", moe_model, *EXPERTS[experts][0], *ALLTOALL,
                         "--expert_model_parallel_size", "2", "--nproc_per_node", "2", "--dataset", "megatune_identity",
                         "--dataset_dir", REPO / "data", "--template", "qwen3_nothink", "--cutoff_len", "96",
                         "--max_steps", "12", "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", "6",
                         "--output_dir", root / name / "out"], 2)
         runs.add(f"ep1_export-{experts}", ["export", "--checkpoint_path", root / name / "out" / "checkpoint-12",
                                            "--output_path", root / name / "ep1"], 1, batch="export", after=("world2",))
+    runs.add("expert_load", ["train", "--model_name_or_path", moe_model, "--moe_grouped_gemm", "false",
+                             "--expert_model_parallel_size", "2", "--nproc_per_node", "2", "--moe_log_load", "true",
+                             "--moe_expert_capacity_factor", "2.0", "--dataset", "megatune_identity", "--dataset_dir",
+                             REPO / "data", "--template", "qwen3_nothink", "--cutoff_len", "64", "--max_steps", "2",
+                             "--logging_steps", "1", "--output_dir", root / "expert_load" / "out"], 2)
     for layout, values in AUX_LAYOUTS.items():
         name = f"aux-{layout}"
         runs.add(name, ["train", training_step_config(moe_model, values, root / name)], values["nproc_per_node"])
@@ -126,12 +128,13 @@ def test_expert_parallel_training_loss_falls(moe_runs, experts):
 
 
 def test_expert_load_is_logged_per_moe_layer(moe_runs):
-    """`moe_log_load: true` (with token-dropping keys set: moe_expert_capacity_factor) logs each
-    MoE layer's expert load in trainer_log.jsonl (the sequential EP=2 run above)."""
+    """`moe_log_load: true` (with a token-dropping key set: moe_expert_capacity_factor) logs each
+    MoE layer's expert load (shares of routed tokens) in trainer_log.jsonl. (Moved here from
+    tests/test_moe_options.py to share this file's batch of runs.)"""
     runs, root = moe_runs
-    result = runs.get("ep2_train-sequential")
+    result = runs.get("expert_load")
     assert result.returncode == 0, result.stderr[-3000:]
-    for row in train_rows(root / "ep2_train-sequential" / "out"):
+    for row in train_rows(root / "expert_load" / "out"):
         load = row["expert_load"]
         assert sorted(load) == ["layer 1", "layer 3", "layer 4"]  # layer 2 is dense (mlp_only_layers)
         for shares in load.values():

@@ -1,6 +1,6 @@
-"""MoE run options: token-dropping keys reach Megatron. (`moe_log_load` logging each MoE layer's
-expert load in trainer_log.jsonl, with a capacity factor set, is checked on tests/test_moe.py's
-expert-parallel training run: test_expert_load_is_logged_per_moe_layer.)"""
+"""MoE run options: token-dropping keys reach Megatron. (The EP=2 run checking that `moe_log_load`
+logs each MoE layer's expert load in trainer_log.jsonl is in tests/test_moe.py, batched with that
+file's runs: test_expert_load_is_logged_per_moe_layer.)"""
 
 import pytest
 
