@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from megatune.models.hf_io import SafetensorsSource
-from tests.conftest import run_megatune
 from tests.multirun import Batches, nproc_of
 
 LAYOUTS = {
