@@ -90,6 +90,40 @@ def test_grouped_experts_equal_sequential_mlp(groups, fusion, grouped_mm):
     assert torch.count_nonzero(grp.weight1.grad[1]) == 0  # expert 1 had no tokens
 
 
+@pytest.mark.parametrize("main_grad_dtype", [torch.float32, torch.bfloat16])
+def test_gradient_accumulation_fusion_adds_expert_weight_grads_into_main_grad(groups, main_grad_dtype):
+    """With `gradient_accumulation_fusion` and DDP's `main_grad` buffers, the grouped_mm path adds
+    each micro-batch's weight gradient into main_grad itself and marks it done for DDP's hook;
+    the input and router gradients are those of the plain grouped_mm path. Two backward passes
+    accumulate (gradient accumulation over micro-batches)."""
+    _, grp = pair(True)
+    grp.force_grouped_mm = True
+    x, probs, grad = inputs()
+    out_plain, dx_plain, dp_plain = run(grp, x, probs, grad)
+    want = {name: getattr(grp, name).grad.clone() for name in ("weight1", "weight2")}
+    grp.zero_grad(set_to_none=True)
+
+    grp.config.gradient_accumulation_fusion = True
+    start = {}
+    for name in want:
+        w = getattr(grp, name)
+        start[name] = torch.randn(w.shape, generator=torch.Generator().manual_seed(7)).to(main_grad_dtype)
+        w.main_grad = start[name].clone()
+        w.grad_added_to_main_grad = False
+    expected = {name: t.clone() for name, t in start.items()}
+    try:
+        for _ in range(2):
+            out, dx, dp = run(grp, x, probs, grad)
+            assert torch.equal(out, out_plain) and torch.equal(dx, dx_plain) and torch.equal(dp, dp_plain)
+            for name in want:
+                w = getattr(grp, name)
+                assert w.grad_added_to_main_grad and w.grad.shape == w.shape  # the unwritten stand-in
+                expected[name].add_(want[name])  # what DDP's hook would do
+                torch.testing.assert_close(w.main_grad, expected[name], rtol=1e-5, atol=1e-5)
+    finally:
+        grp.config.gradient_accumulation_fusion = False
+
+
 def test_grouped_experts_parameter_attributes(groups):
     grp = build(True, True)
     assert grp.weight1.shape == (EXPERTS, 2 * FFN, HIDDEN) and grp.weight2.shape == (EXPERTS, HIDDEN, FFN)

@@ -1,8 +1,11 @@
-"""layers/local_dispatch.py: the sync-free token dispatch used when one rank holds every expert.
+"""layers/local_dispatch.py: the sync-free token permutation and the dispatchers built on it.
 
-Compared with Megatron-core's own permute and with a whole MoE layer (router, dispatcher, experts)
-running Megatron's all-to-all and all-gather dispatchers on the same weights and inputs: the
-outputs and every gradient must be bit-identical, since only the bookkeeping differs."""
+Compared with Megatron-core's own permute/unpermute and with a whole MoE layer (router,
+dispatcher, experts) running Megatron's all-to-all and all-gather dispatchers on the same
+weights and inputs. The permuted tokens, the router's and the experts' gradients are
+bit-identical (only the bookkeeping differs); the un-permute sums each token's top-k expert
+outputs in another order than Megatron's scatter_add (fp32: last-bit differences), so the
+layer output and the input gradient are compared at fp32 round-off."""
 
 from __future__ import annotations
 
@@ -40,9 +43,47 @@ def test_permute_dropless_equals_megatron_permute(tokens):
 
     x, routing_map, probs = routing(tokens, seed=tokens)
     want_x, want_p, want_idx = permute(x, routing_map, probs=probs, num_out_tokens=tokens * TOPK)
-    got_x, got_p, got_idx, counts = permute_dropless(x, routing_map, probs, TOPK)
+    got_x, got_p, got_idx, rows, counts = permute_dropless(x, routing_map, probs, TOPK)
     assert torch.equal(got_idx, want_idx) and torch.equal(got_x, want_x) and torch.equal(got_p, want_p)
     assert counts.tolist() == routing_map.sum(0).tolist() and counts.sum() == tokens * TOPK
+    # rows[t] are the permuted rows holding token t's copies, one per routed expert, in expert order
+    assert sorted(rows.reshape(-1).tolist()) == list(range(tokens * TOPK))
+    for t in range(tokens):
+        assert got_idx[rows[t]].tolist() == [t] * TOPK
+        experts = torch.searchsorted(torch.cumsum(counts, 0), rows[t], right=True)
+        assert experts.tolist() == routing_map[t].nonzero().squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_unpermute_dropless_and_both_backwards_equal_megatron(tokens):
+    """Forward and backward of permute -> per-row scaling -> un-permute against Megatron's
+    permute/unpermute (index_add/scatter_add): equal up to fp32 summation order."""
+    from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+    from megatune.layers.local_dispatch import permute_dropless, unpermute_dropless
+
+    x, routing_map, probs = routing(tokens, seed=tokens + 1)
+    g = torch.Generator().manual_seed(3)
+    out_grad = torch.randn(tokens, HIDDEN, generator=g)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf)
+        (out * out_grad).sum().backward()
+        return out.detach(), leaf.grad
+
+    def megatron(leaf):
+        permuted, permuted_probs, idx = permute(leaf, routing_map, probs=probs, num_out_tokens=tokens * TOPK)
+        return unpermute(permuted * permuted_probs.unsqueeze(1), idx, restore_shape=leaf.shape)
+
+    def ours(leaf):
+        permuted, permuted_probs, source, rows, _ = permute_dropless(leaf, routing_map, probs, TOPK)
+        return unpermute_dropless(permuted * permuted_probs.unsqueeze(1), source, rows)
+
+    (want, want_grad), (got, got_grad) = run(megatron), run(ours)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got, (x * probs.sum(1, keepdim=True)), rtol=1e-5, atol=1e-6)  # sum_k p_k * x
 
 
 def moe_layer(dispatcher_type: str, capacity=None, grouped=True):
@@ -72,20 +113,28 @@ def fwd_bwd(layer, x, padding_mask):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
-@pytest.mark.parametrize("dispatcher_type", ["alltoall", "allgather"])
+@pytest.mark.parametrize(
+    "dispatcher_type, ours",
+    [("alltoall", "local"), ("allgather", "local"), ("alltoall", "sync_free_alltoall")],
+)
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped_experts", "sequential_mlp"])
-def test_moe_layer_with_local_dispatch_equals_megatron_dispatcher(groups, dispatcher_type, grouped):
+def test_moe_layer_with_sync_free_dispatch_equals_megatron_dispatcher(groups, dispatcher_type, ours, grouped):
+    """`local`: the dispatcher the layer installs on one rank. `sync_free_alltoall`: the one it
+    installs under expert parallelism (Megatron's all-to-all stages around our permute), run
+    here on one rank, where its all-to-all and chunk re-sort are the identity."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
-    from megatune.layers.local_dispatch import LocalTokenDispatcher
+    from megatune.layers.local_dispatch import LocalTokenDispatcher, SyncFreeAlltoAllDispatcher
 
     layer = moe_layer(dispatcher_type, grouped=grouped)
-    assert isinstance(layer.token_dispatcher, LocalTokenDispatcher)
+    assert type(layer.token_dispatcher) is LocalTokenDispatcher
+    args = (layer.num_local_experts, layer.local_expert_indices)
+    kwargs = dict(config=layer.config, pg_collection=get_default_pg_collection())
+    if ours == "sync_free_alltoall":
+        layer.token_dispatcher = SyncFreeAlltoAllDispatcher(*args, **kwargs)
     megatron_cls = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    reference = megatron_cls(layer.num_local_experts, layer.local_expert_indices, config=layer.config,
-                             pg_collection=get_default_pg_collection())
+    reference = megatron_cls(*args, **kwargs)
     s, b = 6, 2
     x = torch.randn(s, b, HIDDEN, generator=torch.Generator().manual_seed(4))
     padding_mask = torch.zeros(b, s, dtype=torch.bool)
@@ -94,30 +143,40 @@ def test_moe_layer_with_local_dispatch_equals_megatron_dispatcher(groups, dispat
     local, layer.token_dispatcher = layer.token_dispatcher, reference
     want = fwd_bwd(layer, x, padding_mask)
     layer.token_dispatcher = local
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)  # output: un-permute's sum order
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)  # input grad: permute backward's sum
     assert got[2].keys() == want[2].keys()
     for name in want[2]:
         assert torch.equal(got[2][name], want[2][name]), name
 
 
 def test_token_dropping_keeps_megatron_dispatcher(groups):
-    from megatune.layers.local_dispatch import LocalTokenDispatcher
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     layer = moe_layer("alltoall", capacity=1.0)
-    assert not isinstance(layer.token_dispatcher, LocalTokenDispatcher)
+    assert type(layer.token_dispatcher) is MoEAlltoAllTokenDispatcher
 
 
 @pytest.mark.parametrize("ep, etp", [(2, 1), (1, 2)])
-def test_experts_spread_over_ranks_keep_megatron_dispatcher(groups, ep, etp):
+@pytest.mark.parametrize("dispatcher_type", ["alltoall", "allgather"])
+def test_experts_spread_over_ranks_keep_the_all_to_all(groups, ep, etp, dispatcher_type):
     """With expert parallelism or expert tensor parallelism tokens travel between ranks: the
-    local dispatcher must stay off (checked on the sizes Megatron's dispatcher reports)."""
-    from megatune.layers.local_dispatch import local_dispatch_applies
+    local dispatcher must stay off; Megatron's all-to-all keeps its communication and only its
+    permute is replaced, Megatron's all-gather dispatcher stays as it is (checked on the sizes
+    Megatron's dispatcher reports)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
-    layer = moe_layer("alltoall")
-    dispatcher = layer.token_dispatcher
+    from megatune.layers.local_dispatch import local_dispatch_applies, sync_free_alltoall_applies
+
+    layer = moe_layer(dispatcher_type)
+    megatron_cls = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
+    dispatcher = megatron_cls(layer.num_local_experts, layer.local_expert_indices, config=layer.config,
+                              pg_collection=get_default_pg_collection())
     assert local_dispatch_applies(layer.config, dispatcher)
     dispatcher.ep_size, dispatcher.tp_size = ep, etp
     assert not local_dispatch_applies(layer.config, dispatcher)
+    assert sync_free_alltoall_applies(layer.config, dispatcher) == (dispatcher_type == "alltoall")
 
 
 def test_permute_dropless_refuses_a_routing_map_without_topk_routes_per_token():

@@ -92,22 +92,19 @@ def run_schedule(stage, provider, model: list, batches: list[Batch], forward_onl
     return dict(zip(stage.sum_names, totals.tolist()))
 
 
-FINITE_CHECK_CHUNK = 1 << 26  # elements per isfinite call: its temporaries stay under ~0.5 GB
-
-
 def _grads_finite(model: list) -> bool:
     """True when every gradient element on every rank is finite (checked on DDP's buffers).
 
-    `torch.isfinite` on a whole fp32 buffer allocates ~7 bytes per element (|x|, two masks and
-    their AND): 20 GB for a 3B-parameter model, which set the step's peak memory. The check runs
-    over fixed-size slices and keeps its verdict on the device, so the host waits once."""
-    bad = torch.zeros(1, dtype=torch.bool, device=device())
-    for chunk in model:
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            flat = buffer.grad_data.view(-1)
-            for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
-                bad |= ~torch.isfinite(flat[start:start + FINITE_CHECK_CHUNK]).all()
-    bad = bad.float()
+    One multi-tensor reduction: the largest |g| of each buffer (`torch._foreach_norm` with
+    ord=inf, which propagates NaN and cannot overflow as a sum of squares could). It reads each
+    gradient once and allocates nothing the size of a buffer (`torch.isfinite` over a whole fp32
+    buffer allocates ~7 bytes per element: 20 GB for a 3B-parameter model). The verdict stays on
+    the device until the one all-reduce, so the host waits once."""
+    grads = [buffer.grad_data for chunk in model for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+    bad = torch.zeros(1, dtype=torch.float32, device=device())
+    if grads:
+        largest = torch.stack(torch._foreach_norm(grads, ord=math.inf))
+        bad = (~torch.isfinite(largest)).any().to(torch.float32).reshape(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0
 

@@ -19,7 +19,9 @@ reads the weight row-major, and the weight gradient is the 2D x 2D grouped GEMM
 
 Compute: on CUDA with bf16 and 16-aligned dims, `torch.nn.functional.grouped_mm` (torch >= 2.10;
 `torch._grouped_mm` on older torch) over the tokens grouped by expert (int32 end offsets from
-`tokens_per_expert`). Otherwise (CPU, fp32/fp16, unaligned dims, no grouped_mm) a per-expert matmul
+`tokens_per_expert`). With `gradient_accumulation_fusion` and DDP's fp32 `main_grad` present,
+the weight gradient is added into `main_grad` in the backward itself by one vectorised kernel
+(`_GroupedLinear`), as Megatron's linear layers do with that flag, instead of by DDP's hook. Otherwise (CPU, fp32/fp16, unaligned dims, no grouped_mm) a per-expert matmul
 loop that is numerically the same as SequentialMLP's. The router probabilities are applied as
 SequentialMLP's MLP applies `per_token_scale`: after the activation, before fc2, in the probs'
 dtype (fp32) and cast back.
@@ -39,6 +41,8 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
+from megatune.layers.fused import add_into_main_grad
+
 logger = logging.getLogger(__name__)
 
 ALIGN = 16  # grouped_mm (CUTLASS) wants K and N in multiples of 16 bytes; we ask 16 elements
@@ -47,6 +51,35 @@ ALIGN = 16  # grouped_mm (CUTLASS) wants K and N in multiples of 16 bytes; we as
 def grouped_mm_fn():
     """torch's grouped GEMM: the public API (torch >= 2.10) or the private one before; None if absent."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """out[rows of expert e] = x[rows of expert e] @ weight[e]^T via grouped_mm, with the weight
+    gradient added straight into `weight.main_grad` (DDP's fp32 buffer).
+
+    x: [tokens, in] grouped by expert; weight: [experts, out, in]; offs: [experts] int32 end
+    offsets -> [tokens, out]. Backward: grad_x = grad_out @ weight[e] (grouped_mm),
+    grad_weight[e] = grad_out_e^T @ x_e (the 2D x 2D grouped_mm, [experts, out, in]) added into
+    main_grad by `add_into_main_grad`. Like Megatron's LinearWithGradAccumulation... with
+    `gradient_accumulation_fusion`, it sets `weight.grad_added_to_main_grad` (so DDP's hook adds
+    nothing) and returns an unwritten weight-sized gradient, so that the hook still runs, on the
+    backward's own thread, and marks the bucket ready for `overlap_grad_reduce`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offs):
+        ctx.save_for_backward(x, weight, offs)
+        return grouped_mm_fn()(x, weight.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, offs = ctx.saved_tensors
+        gmm = grouped_mm_fn()
+        grad_out = grad_out.contiguous()
+        grad_x = gmm(grad_out, weight, offs=offs)
+        add_into_main_grad(weight.main_grad, gmm(grad_out.t(), x, offs=offs))
+        if hasattr(weight, "grad_added_to_main_grad"):
+            weight.grad_added_to_main_grad = True
+        return grad_x, torch.empty_like(weight), None
 
 
 def _ignore_extra_state(module, incompatible_keys):
@@ -130,6 +163,12 @@ class GroupedExperts(MegatronModule):
             return self.force_grouped_mm
         return x.is_cuda and x.dtype == torch.bfloat16 and self.weight1.dtype == torch.bfloat16 and self.aligned
 
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """[tokens, in] grouped by expert -> [tokens, out] through `weight` [experts, out, in]."""
+        if self.config.gradient_accumulation_fusion and hasattr(weight, "main_grad") and torch.is_grad_enabled():
+            return _GroupedLinear.apply(x, weight, offs)
+        return grouped_mm_fn()(x, weight.transpose(1, 2), offs=offs)
+
     def _activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Activation then the per-token router weight, exactly as Megatron's MLP does with
         `per_token_scale` (fused weighted SwiGLU when bias_activation_fusion, else unfused)."""
@@ -154,12 +193,11 @@ class GroupedExperts(MegatronModule):
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
         if x.shape[0] > 0 and self.uses_grouped_mm(x):
-            gmm = grouped_mm_fn()
             # grouped_mm wants int32 end offsets on the input's device.
             offs = torch.cumsum(tokens_per_expert.to(device=x.device, dtype=torch.int32), 0, dtype=torch.int32)
-            h = gmm(x, self.weight1.transpose(1, 2), offs=offs)
+            h = self._linear(x, self.weight1, offs)
             h = self._activation(h, probs)
-            out = gmm(h, self.weight2.transpose(1, 2), offs=offs)
+            out = self._linear(h, self.weight2, offs)
         else:
             # Per-expert loop; every expert's weights take part even with no tokens, so each has
             # a (zero) gradient, as in SequentialMLP.

@@ -1,30 +1,36 @@
-"""Token dispatch for a rank that holds every expert: no host sync, no identity re-sort.
+"""Sync-free token permutation for Megatron's MoE layers (drop-less routing).
 
-With expert parallelism and expert tensor parallelism both 1 (one GPU, or pure data
-parallelism) Megatron-core 0.16.1's all-to-all dispatcher still does work that only matters
-when tokens travel between ranks:
+Megatron-core 0.16.1's all-to-all dispatcher groups tokens by expert with `moe_utils.permute`
+and scatters the expert outputs back with `unpermute`. Without Transformer Engine both cost
+more than they need to:
 
-- its `permute` finds each expert's tokens with `masked_select`, whose output length is
+- `permute` finds each expert's tokens with `masked_select`, whose output length is
   data-dependent, so every call blocks the host until the GPU has caught up (twice: token
-  indices and router probabilities);
-- it copies the per-expert token counts to the host and waits for them (the
-  `before_permutation_2` sync point), because its chunk re-sort needs Python split sizes;
-- the re-sort itself (`sort_chunks_by_idxs`, forward and backward) splits the permuted tokens
-  into one chunk per expert and concatenates them back in the same order: with one source
-  rank the permutation is the identity, but it costs a full copy of the permuted activations.
+  indices and router probabilities). Each blocking copy drains the GPU queue.
+- The backward of its row gather and the forward of `unpermute` add rows with atomics
+  (`index_add_` / `scatter_add_`): slow, and in bf16 every one of the top-k additions rounds.
 
-Each blocking copy drains the GPU queue, so the GPU waits while the host launches the next
-kernels: on the Qwen3-30B-A3B shape (128 experts, top-8) a third of the step was idle.
+`permute_dropless` finds the same rows with `torch.nonzero_static` (its output size is the
+static drop-less count tokens x top-k) in the same order (expert-major, ascending token index
+within an expert), and also returns the inverse map: for each token, the rows that hold its
+top-k copies. With both maps every direction is a plain row gather: `_GatherSum` gathers rows
+and sums each token's top-k copies (fp32 accumulation, one rounding), and its backward is the
+same gather through the other map. No atomics, deterministic, no host sync.
 
-`LocalTokenDispatcher` keeps Megatron's contract and its token order, so the experts see
-exactly the same inputs: tokens grouped by expert, each expert's tokens in ascending token
-order (what `masked_select` over the [experts, tokens] routing map yields). It finds them with
-`torch.nonzero_static`, whose output size is the static drop-less count tokens x top-k, and
-hands the experts the counts as a GPU tensor (megatune's GroupedExperts builds its grouped-GEMM
-offsets from them on the GPU; Megatron's SequentialMLP reads them with `.tolist()`, one sync
-per layer as before). The un-permute is Megatron's own (`scatter_add`, no sync).
+Two dispatchers use it:
+- `SyncFreeAlltoAllDispatcher`: Megatron's all-to-all dispatcher with only the permute and the
+  un-permute replaced; with expert parallelism it keeps the one host sync the all-to-all needs
+  (its split sizes).
+- `LocalTokenDispatcher`: when one rank holds every expert (EP = expert TP = 1: one GPU, or
+  pure data parallelism) it also drops the all-to-all's bookkeeping: the host copy of the
+  per-expert counts (the `before_permutation_2` sync) and the chunk re-sort, which is the
+  identity with one source rank but costs a full copy of the permuted activations. The
+  experts get the counts as a GPU tensor (megatune's GroupedExperts builds its grouped-GEMM
+  offsets from them on the GPU; Megatron's SequentialMLP reads them with `.tolist()`).
 
-`MoELayerWithLocalDispatch` is Megatron's MoELayer that installs it when `local_dispatch_applies`.
+On the Qwen3-30B-A3B shape (128 experts, top-8) the syncs left a third of the step idle.
+`MoELayerWithSyncFreeDispatch` is Megatron's MoELayer that installs one of them when
+`local_dispatch_applies` / `sync_free_alltoall_applies`.
 """
 
 from __future__ import annotations
@@ -38,17 +44,45 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 
 
+def _gather_sum(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[i] = sum_j x[index[i, j]]: x [M, h], index [N, k] int64 -> [N, h] (k = 1: a row gather)."""
+    rows = x.index_select(0, index.reshape(-1))
+    if index.shape[1] == 1:
+        return rows
+    return rows.view(index.shape[0], index.shape[1], *x.shape[1:]).sum(1)  # fp32 accumulation in bf16
+
+
+class _GatherSum(torch.autograd.Function):
+    """`_gather_sum(x, index)` whose backward is `_gather_sum(grad, inverse)`.
+
+    Valid when `index` [N, k] and `inverse` [M, k'] are inverse maps between x's M rows and the
+    N x k output slots, each row used once: row r = index[i, j] exactly when inverse[r] names
+    slot (i, j) and k' = 1, or the roles swapped. Then the gradient of a sum of copies is a gather,
+    and the gradient of a gather is a sum of copies."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return _gather_sum(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _gather_sum(grad.contiguous(), inverse), None, None
+
+
 def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor, topk: int):
     """Group tokens by expert without a host sync (drop-less routing: exactly `topk` experts per token).
 
     tokens: [T, h]; routing_map: [T, E] bool with `topk` True per row; probs: [T, E].
-    Returns (permuted tokens [T*topk, h], their router probs [T*topk], source token index
-    [T*topk] int64, tokens per expert [E] int64 on tokens' device). The order equals
-    Megatron's `moe_utils.permute` (expert-major, ascending token index within an expert).
+    Returns (permuted tokens [T*topk, h], their router probs [T*topk], source token of each
+    permuted row [T*topk] int64, rows [T, topk] int64: the permuted rows holding each token's
+    copies in ascending expert order, tokens per expert [E] int64), all on tokens' device. The
+    order equals Megatron's `moe_utils.permute` (expert-major, ascending token within an expert).
 
     Precondition: exactly T*topk routes in all. Megatron-core 0.16.1's top-k router gives every
     token (padding included: the padding mask only shapes the load-balancing loss) exactly
-    `topk` experts when no capacity is set; `local_dispatch_applies` keeps this dispatcher off
+    `topk` experts when no capacity is set; the `*_applies` checks keep these dispatchers off
     otherwise. A routing map that broke it would fail an asynchronous device assertion (a
     RuntimeError at the next sync), never pass silently.
     """
@@ -58,21 +92,27 @@ def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: tor
     expert_major = routing_map.t().reshape(-1)  # [E*T], index = expert * T + token
     flat = torch.nonzero_static(expert_major, size=num_tokens * topk).squeeze(1)
     source = flat % num_tokens
+    # Row of route (t, e) in the expert-major order: routes of experts < e, plus t's rank among e's tokens.
+    row_of_route = routing_map.cumsum(0) - 1 + (torch.cumsum(counts, 0) - counts)  # [T, E]
+    token_major = torch.nonzero_static(routing_map.reshape(-1), size=num_tokens * topk).squeeze(1)
+    rows = row_of_route.reshape(-1).index_select(0, token_major).view(num_tokens, topk)
     permuted_probs = probs.t().reshape(-1).index_select(0, flat)
-    return tokens.index_select(0, source), permuted_probs, source, counts
+    permuted = _GatherSum.apply(tokens, source.unsqueeze(1), rows)
+    return permuted, permuted_probs, source, rows, counts
 
 
-def local_dispatch_applies(config, dispatcher) -> bool:
-    """Whether `dispatcher` (Megatron's all-to-all or all-gather one, just built) can be
-    replaced by LocalTokenDispatcher (both group tokens as it does): one rank holds all
-    experts whole, routing is drop-less with a fixed top-k, and no feature
-    that hooks into the all-to-all's stages (shared-expert overlap, CUDA graphs, router
-    padding, fused permute) is on."""
+def unpermute_dropless(permuted: torch.Tensor, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Inverse of `permute_dropless`: each token's sum over its top-k expert outputs.
+    permuted: [T*topk, h]; source [T*topk] and rows [T, topk] from `permute_dropless` -> [T, h].
+    The sum runs in fp32 for bf16 inputs (one rounding; Megatron's scatter_add rounds per add)."""
+    return _GatherSum.apply(permuted, rows, source.unsqueeze(1))
+
+
+def _drop_less_without_hooks(config) -> bool:
+    """Settings under which every token has exactly top-k routes and nothing hooks into the
+    dispatcher's stages (shared-expert overlap, CUDA graphs, router padding, fused permute)."""
     return (
-        isinstance(dispatcher, (MoEAlltoAllTokenDispatcher, MoEAllGatherTokenDispatcher))
-        and dispatcher.ep_size == 1
-        and dispatcher.tp_size == 1
-        and not config.moe_pad_expert_input_to_capacity
+        not config.moe_pad_expert_input_to_capacity
         and config.moe_expert_capacity_factor is None
         and not config.moe_router_padding_for_quantization
         and not config.moe_permute_fusion
@@ -82,20 +122,61 @@ def local_dispatch_applies(config, dispatcher) -> bool:
     )
 
 
-class LocalTokenDispatcher(MoEAlltoAllTokenDispatcher):
-    """Megatron's all-to-all dispatcher with its communication and sync points removed, for
-    a rank that holds every expert (see the module docstring). Same constructor."""
+def local_dispatch_applies(config, dispatcher) -> bool:
+    """Whether `dispatcher` (Megatron's all-to-all or all-gather one, just built) can be
+    replaced by LocalTokenDispatcher (both group tokens as it does): one rank holds all experts
+    whole and routing is drop-less with a fixed top-k."""
+    return (
+        isinstance(dispatcher, (MoEAlltoAllTokenDispatcher, MoEAllGatherTokenDispatcher))
+        and dispatcher.ep_size == 1
+        and dispatcher.tp_size == 1
+        and _drop_less_without_hooks(config)
+    )
 
-    def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        """[*, h] hidden states -> ([T*topk, h] tokens grouped by expert, [T*topk] probs)."""
+
+def sync_free_alltoall_applies(config, dispatcher) -> bool:
+    """Whether Megatron's all-to-all `dispatcher` can run the sync-free permute (any EP / expert TP)."""
+    return isinstance(dispatcher, MoEAlltoAllTokenDispatcher) and _drop_less_without_hooks(config)
+
+
+class SyncFreeAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
+    """Megatron's all-to-all dispatcher with `permute_dropless` / `unpermute_dropless` in place of
+    its permute and un-permute (see the module docstring). Same constructor and contract."""
+
+    def _permute(self, hidden_states, routing_map, probs):
+        """Record the shapes Megatron's later stages read, then permute [*, h] -> [T*topk, h]."""
         self.hidden_shape = hidden_states.shape
         self.probs = probs
         self.routing_map = routing_map
         hidden_states = hidden_states.view(-1, self.hidden_shape[-1])
         self.hidden_shape_before_permute = hidden_states.shape
-        permuted, permuted_probs, self.reversed_local_input_permutation_mapping, self.tokens_per_expert = (
-            permute_dropless(hidden_states, routing_map, probs, self.config.moe_router_topk)
+        permuted, permuted_probs, self.source, self.rows, counts = permute_dropless(
+            hidden_states, routing_map, probs, self.config.moe_router_topk
         )
+        return permuted, permuted_probs, counts
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        """Megatron's split-size bookkeeping (and its one host copy, on a side stream), then the
+        sync-free permute: ([T*topk, h] tokens grouped by expert, [T*topk] probs)."""
+        self.tokens_per_expert = self.preprocess(routing_map)
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1", self.tokens_per_expert)
+        permuted, permuted_probs, _ = self._permute(hidden_states, routing_map, probs)
+        return permuted, permuted_probs
+
+    def combine_postprocess(self, permutated_local_input_tokens):
+        """[T*topk, h] expert outputs back in token order, summed over each token's experts."""
+        output = unpermute_dropless(permutated_local_input_tokens, self.source, self.rows)
+        self.source = self.rows = None
+        return output.view(self.hidden_shape)
+
+
+class LocalTokenDispatcher(SyncFreeAlltoAllDispatcher):
+    """The sync-free dispatcher for a rank that holds every expert: no communication and no
+    bookkeeping for it (see the module docstring). Same constructor."""
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        """[*, h] hidden states -> ([T*topk, h] tokens grouped by expert, [T*topk] probs)."""
+        permuted, permuted_probs, self.tokens_per_expert = self._permute(hidden_states, routing_map, probs)
         return permuted, permuted_probs
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
@@ -113,8 +194,9 @@ class LocalTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return hidden_states
 
 
-class MoELayerWithLocalDispatch(MoELayer):
-    """Megatron's MoELayer; uses LocalTokenDispatcher where `local_dispatch_applies`."""
+class MoELayerWithSyncFreeDispatch(MoELayer):
+    """Megatron's MoELayer; uses LocalTokenDispatcher where `local_dispatch_applies`, else
+    SyncFreeAlltoAllDispatcher where `sync_free_alltoall_applies`, else Megatron's dispatcher."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         if pg_collection is None:  # as MoELayer does, so the dispatcher gets the same groups
@@ -122,7 +204,11 @@ class MoELayerWithLocalDispatch(MoELayer):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
         if local_dispatch_applies(self.config, self.token_dispatcher):
-            self.token_dispatcher = LocalTokenDispatcher(
-                self.num_local_experts, self.local_expert_indices, config=self.config,
-                pg_collection=pg_collection,
-            )
+            cls = LocalTokenDispatcher
+        elif sync_free_alltoall_applies(self.config, self.token_dispatcher):
+            cls = SyncFreeAlltoAllDispatcher
+        else:
+            return
+        self.token_dispatcher = cls(
+            self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=pg_collection
+        )

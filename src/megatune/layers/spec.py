@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from megatune.layers.attention import SDPAttention
 from megatune.layers.experts import GroupedExperts, grouped_mm_fn
-from megatune.layers.local_dispatch import MoELayerWithLocalDispatch
+from megatune.layers.local_dispatch import MoELayerWithSyncFreeDispatch
 from megatune.layers.norm import RMSNorm
 
 
@@ -112,7 +112,7 @@ def moe_spec(num_experts: int, grouped_gemm: bool) -> ModuleSpec:
     """Megatron's MoE layer; experts on megatune's GroupedExperts (grouped GEMM) or, with
     `moe_grouped_gemm: false`, on Megatron's SequentialMLP (a Python loop over experts)."""
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
-    spec.module = MoELayerWithLocalDispatch  # Megatron's MoELayer; sync-free dispatch when EP = ETP = 1
+    spec.module = MoELayerWithSyncFreeDispatch  # Megatron's MoELayer; sync-free permute (layers/local_dispatch.py)
     if grouped_gemm:
         spec.submodules.experts = ModuleSpec(module=GroupedExperts, submodules=spec.submodules.experts.submodules)
     return spec
