@@ -85,6 +85,9 @@ def breakdown(prof, wall_us: float) -> dict:
     kernels = []
     cpu_self: dict[str, float] = {}
     for evt in prof.events():
+        # GPU-side user annotations (e.g. "Optimizer.step#AdamW.step") span kernels: not kernels.
+        if getattr(evt, "is_user_annotation", False) or evt.name.startswith(("Optimizer.", "ProfilerStep")):
+            continue
         if getattr(evt, "device_type", None) is not None and "CUDA" in str(evt.device_type):
             kernels.append((evt.time_range.start, evt.time_range.end, evt.name))
         else:

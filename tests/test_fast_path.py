@@ -148,6 +148,55 @@ def test_wgrad_accumulation_adds_into_fp32_buffer():
     assert torch.allclose(main, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_into_main_grad_equals_eager_add(device):
+    gen = torch.Generator().manual_seed(11)
+    main = torch.randn(4, 300, 17, generator=gen).to(device)
+    grad = torch.randn(4, 300, 17, generator=gen).to(device=device, dtype=torch.bfloat16)
+    want = main.clone().add_(grad)
+    fused.add_into_main_grad(main, grad)
+    assert torch.equal(main, want)  # bf16 -> fp32 is exact, one fp32 add either way
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_linear_adds_weight_grad_into_main_grad(device):
+    """layers/experts.py's _GroupedLinear (gradient_accumulation_fusion) against grouped_mm's own
+    autograd: same output and input gradient, weight gradient added into main_grad."""
+    from megatune.layers.experts import _GroupedLinear, grouped_mm_fn
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(12)
+    counts = torch.tensor([48, 0, 80, 16])
+    x = torch.randn(int(counts.sum()), 64, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(4, 32, 64, generator=gen).to(device=device, dtype=dtype)
+    offs = torch.cumsum(counts, 0).to(device=device, dtype=torch.int32)
+    out_plain, (dx_plain, dw_plain) = _grads(lambda a, b: grouped_mm_fn()(a, b.transpose(1, 2), offs=offs), x, w)
+    leaf_x, leaf_w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    leaf_w.main_grad = torch.ones(w.shape, device=device)
+    leaf_w.grad_added_to_main_grad = False
+    out = _GroupedLinear.apply(leaf_x, leaf_w, offs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    (out * upstream).sum().backward()
+    assert torch.equal(out.detach(), out_plain) and torch.equal(leaf_x.grad, dx_plain)
+    assert leaf_w.grad_added_to_main_grad
+    assert torch.allclose(leaf_w.main_grad, 1 + dw_plain.float(), rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(leaf_w.main_grad[1] - 1) == 0  # the expert with no tokens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_foreach_inf_norm_propagates_nan_and_inf(device):
+    """engine/step.py's finite-gradient check relies on it."""
+    gen = torch.Generator().manual_seed(13)
+    ts = [torch.randn(n, generator=gen).to(device) for n in (5000, 70000, 3)]
+    assert all(torch.isfinite(n) for n in torch._foreach_norm(ts, ord=float("inf")))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i, where in ((0, 4999), (1, 12345), (2, 0)):
+            poisoned = [t.clone() for t in ts]
+            poisoned[i][where] = bad
+            norms = torch._foreach_norm(poisoned, ord=float("inf"))
+            assert not torch.isfinite(norms[i]) and all(torch.isfinite(n) for j, n in enumerate(norms) if j != i)
+
+
 def test_foreach_norm_and_scale_match_loops():
     gen = torch.Generator().manual_seed(8)
     ts = [torch.randn(n, generator=gen) for n in (3, 10, 1)]
