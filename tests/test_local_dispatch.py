@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 HIDDEN, FFN, EXPERTS, TOPK = 32, 16, 8, 2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Megatron's router puts its weight there
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +102,15 @@ def moe_layer(dispatcher_type: str, capacity=None, grouped=True):
         moe_expert_capacity_factor=capacity, moe_token_drop_policy="probs",
     )
     torch.manual_seed(0)
-    return build_module(moe_spec(EXPERTS, grouped), config=tc, layer_number=1)
+    return build_module(moe_spec(EXPERTS, grouped), config=tc, layer_number=1).to(DEVICE)
 
 
 def fwd_bwd(layer, x, padding_mask):
     layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    out, _ = layer(x, padding_mask=padding_mask)
+    x = x.to(DEVICE).clone().requires_grad_(True)
+    out, _ = layer(x, padding_mask=padding_mask.to(DEVICE))
     g = torch.Generator().manual_seed(9)
-    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    (out * torch.randn(out.shape, generator=g).to(DEVICE)).sum().backward()
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 

@@ -43,13 +43,20 @@ from megatron.core.transformer.moe.token_dispatcher import (
     MoEAlltoAllTokenDispatcher,
 )
 
+from megatune.layers.fused import compiled_for_cuda
+
+
+def _gather_sum_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    rows = x.index_select(0, index.reshape(-1))
+    return rows.view(index.shape[0], index.shape[1], *x.shape[1:]).sum(1)  # fp32 accumulation in bf16
+
 
 def _gather_sum(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """out[i] = sum_j x[index[i, j]]: x [M, h], index [N, k] int64 -> [N, h] (k = 1: a row gather)."""
-    rows = x.index_select(0, index.reshape(-1))
+    """out[i] = sum_j x[index[i, j]]: x [M, h], index [N, k] int64 -> [N, h] (k = 1: a row gather).
+    On CUDA the gather and the sum are one compiled kernel (the [N, k, h] rows are never written)."""
     if index.shape[1] == 1:
-        return rows
-    return rows.view(index.shape[0], index.shape[1], *x.shape[1:]).sum(1)  # fp32 accumulation in bf16
+        return x.index_select(0, index.reshape(-1))
+    return (compiled_for_cuda(_gather_sum_formula) if x.is_cuda else _gather_sum_formula)(x, index)
 
 
 class _GatherSum(torch.autograd.Function):
@@ -92,10 +99,13 @@ def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: tor
     expert_major = routing_map.t().reshape(-1)  # [E*T], index = expert * T + token
     flat = torch.nonzero_static(expert_major, size=num_tokens * topk).squeeze(1)
     source = flat % num_tokens
-    # Row of route (t, e) in the expert-major order: routes of experts < e, plus t's rank among e's tokens.
-    row_of_route = routing_map.cumsum(0) - 1 + (torch.cumsum(counts, 0) - counts)  # [T, E]
-    token_major = torch.nonzero_static(routing_map.reshape(-1), size=num_tokens * topk).squeeze(1)
-    rows = row_of_route.reshape(-1).index_select(0, token_major).view(num_tokens, topk)
+    # Permuted row p holds route (t, e) = (source[p], flat[p] // T); that route's place in the
+    # token-major order (t, then e) is its rank in the row-major routing map: a 1-D prefix sum
+    # (one scan over T*E; a scan along dim 0 of the [T, E] map is a slow kernel).
+    token_major_rank = routing_map.reshape(-1).cumsum(0)  # [T*E], inclusive
+    rank = token_major_rank.index_select(0, source * routing_map.shape[1] + flat // num_tokens) - 1
+    rows = torch.empty_like(rank).scatter_(0, rank, torch.arange(rank.numel(), device=rank.device))
+    rows = rows.view(num_tokens, topk)
     permuted_probs = probs.t().reshape(-1).index_select(0, flat)
     permuted = _GatherSum.apply(tokens, source.unsqueeze(1), rows)
     return permuted, permuted_probs, source, rows, counts
