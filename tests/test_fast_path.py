@@ -132,6 +132,51 @@ def test_linear_cross_entropy_masked_upstream_grad():
     assert torch.allclose(hidden.grad, h2.grad, atol=1e-5) and torch.allclose(weight.grad, w2.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab_size", [None, 41], ids=["whole_vocab", "padded_vocab"])
+@pytest.mark.parametrize("scale", [1.0, 0.125, 0.0])
+def test_linear_cross_entropy_gradient_in_forward(device, vocab_size, scale):
+    """With `token_weights` (pt/sft's masked token sum) the gradient is formed in the forward:
+    same losses, and the gradients of `scale * sum(losses * mask)` equal the general path's
+    (which recomputes the logits in the backward), also over a padded vocabulary."""
+    gen = torch.Generator().manual_seed(14)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    s, b, h, v = 7, 2, 32, 50
+    hidden = torch.randn(s, b, h, generator=gen).to(device, dtype)
+    weight = (torch.randn(v, h, generator=gen) * 0.2).to(device, dtype)
+    labels = torch.randint(0, vocab_size or v, (b, s), generator=gen).to(device)
+    mask = torch.rand(b, s, generator=gen).to(device) > 0.4
+
+    def loss(weights):
+        return lambda a, w: fused_linear_cross_entropy(a, w, labels, 3, vocab_size=vocab_size, token_weights=weights)
+
+    def reduce(fn):
+        return lambda a, w: (fn(a, w) * mask).sum().reshape(1) * scale  # one scalar: upstream c * mask
+
+    got, (gh, gw) = _grads(reduce(loss(mask)), hidden, weight)
+    want, (rh, rw) = _grads(reduce(loss(None)), hidden, weight)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.equal(loss(mask)(hidden, weight), loss(None)(hidden, weight))
+    if scale:
+        assert _rel(got, want) < tol and _rel(gh, rh) < tol and _rel(gw, rw) < tol
+    else:
+        assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
+    if vocab_size:
+        assert torch.count_nonzero(gw[vocab_size:]) == 0
+
+
+def test_linear_cross_entropy_gradient_in_forward_refuses_other_upstream_gradients():
+    """Per-token upstream gradients that are not c * token_weights (e.g. DPO's per-sequence
+    sums) must not pass silently through the gradient-in-forward path."""
+    gen = torch.Generator().manual_seed(15)
+    hidden = torch.randn(5, 1, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 11, (1, 5), generator=gen)
+    losses = fused_linear_cross_entropy(hidden, weight, labels, 2, token_weights=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="not c \\* token_weights"):
+        (losses * torch.tensor([[1.0, 2.0, 1.0, 1.0, 1.0]])).sum().backward()
+
+
 def test_linear_cross_entropy_rejects_bad_shapes():
     with pytest.raises(ValueError, match="labels"):
         fused_linear_cross_entropy(torch.zeros(4, 2, 8), torch.zeros(10, 8), torch.zeros(4, 2, dtype=torch.long))

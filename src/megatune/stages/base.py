@@ -13,6 +13,8 @@ totals into logged values.
 
 from __future__ import annotations
 
+import contextlib
+
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable, Iterator
 
@@ -109,7 +111,7 @@ class LanguageModelStage(Stage):
 
     def forward_step(self, provider) -> Callable:
         def forward_step(data_iterator, model):
-            output, mask = forward_with_labels(provider, model, next(data_iterator))
+            output, mask = forward_with_labels(provider, model, next(data_iterator), token_weighted=True)
             return output, lambda losses: token_loss_sums(losses, mask)
 
         return forward_step
@@ -119,15 +121,20 @@ class LanguageModelStage(Stage):
         return {"loss": sums["loss_sum"] / count if count else float("nan"), "loss_tokens": count}
 
 
-def forward_with_labels(provider, model, batch: Batch):
+def forward_with_labels(provider, model, batch: Batch, token_weighted: bool = False):
     """Run a micro-batch with its next-token labels: (the chunk's output — per-token
-    cross-entropy [b, s] on the last pipeline stage —, the loss mask [b, s] on this device)."""
+    cross-entropy [b, s] on the last pipeline stage —, the loss mask [b, s] on this device).
+    `token_weighted`: the caller reduces the losses as `token_loss_sums` does (a masked sum), so
+    the fused cross-entropy may form its gradient in the forward (layers/cross_entropy.py)."""
     from megatune.distributed import device
+    from megatune.layers.cross_entropy import token_weighted_loss
 
     dev = device()
     labels = batch.labels.to(dev)
     mask = labels != IGNORE
-    return provider.forward(model, batch, dev, labels=torch.where(mask, labels, torch.zeros_like(labels))), mask
+    labels = torch.where(mask, labels, torch.zeros_like(labels))
+    with token_weighted_loss(mask) if token_weighted else contextlib.nullcontext():
+        return provider.forward(model, batch, dev, labels=labels), mask
 
 
 def token_loss_sums(losses: torch.Tensor, mask: torch.Tensor):
