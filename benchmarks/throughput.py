@@ -97,7 +97,7 @@ def breakdown(prof, wall_us: float) -> dict:
     top: dict[str, float] = {}
     for s, e, name in kernels:
         parts[classify(name)] = parts.get(classify(name), 0.0) + (e - s)
-        top[name[:90]] = top.get(name[:90], 0.0) + (e - s)
+        top[name[:160]] = top.get(name[:160], 0.0) + (e - s)
     busy, end = 0.0, -1.0
     for s, e, _ in sorted(kernels):
         if s > end:
