@@ -165,6 +165,42 @@ def test_linear_cross_entropy_gradient_in_forward(device, vocab_size, scale):
         assert torch.count_nonzero(gw[vocab_size:]) == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_gradient_in_forward_scales_bf16_gradients_in_fp32(device):
+    """The backward's scale c (the loss's 1/tokens, a loss scale) multiplies the bf16 gradients
+    in fp32 before their one rounding: c = 1 + 3 * 2^-10 rounds to 1.0 in bf16, which would bias
+    the whole gradient by 0.3%."""
+    gen = torch.Generator().manual_seed(16)
+    s, b, h, v = 64, 2, 64, 50
+    hidden = torch.randn(s, b, h, generator=gen).to(device, torch.bfloat16)
+    weight = (torch.randn(v, h, generator=gen) * 0.2).to(device, torch.bfloat16)
+    labels = torch.randint(0, v, (b, s), generator=gen).to(device)
+    mask = torch.ones(b, s, dtype=torch.bool, device=device)
+    scale = 1 + 3 * 2**-10
+
+    def grads(c):
+        a, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        ((fused_linear_cross_entropy(a, w, labels, 16, token_weights=mask) * mask).sum() * c).backward()
+        return a.grad.float(), w.grad.float()
+
+    for unscaled, scaled in zip(grads(1.0), grads(scale)):
+        ratio = float((scaled * unscaled).sum() / (unscaled * unscaled).sum())
+        assert abs(ratio - scale) < 3e-4, ratio
+
+
+def test_linear_cross_entropy_gradient_in_forward_leaves_a_frozen_weight_alone():
+    gen = torch.Generator().manual_seed(17)
+    hidden = torch.randn(5, 1, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen)  # frozen
+    labels = torch.randint(0, 11, (1, 5), generator=gen)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    fused_linear_cross_entropy(hidden, weight, labels, 2, token_weights=mask).sum().backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    fused_linear_cross_entropy(hidden, weight, labels, 2).sum().backward()
+    assert weight.grad is None and torch.allclose(got, hidden.grad, atol=1e-6)
+
+
 def test_linear_cross_entropy_gradient_in_forward_refuses_other_upstream_gradients():
     """Per-token upstream gradients that are not c * token_weights (e.g. DPO's per-sequence
     sums) must not pass silently through the gradient-in-forward path."""

@@ -181,9 +181,13 @@ def test_experts_spread_over_ranks_keep_the_all_to_all(groups, ep, etp, dispatch
 
 
 def test_permute_dropless_refuses_a_routing_map_without_topk_routes_per_token():
+    """Only the per-token count keeps `rows` right; a map with the right total must fail too."""
     from megatune.layers.local_dispatch import permute_dropless
 
     x, routing_map, probs = routing(5, seed=2)
-    routing_map[3] = False  # token 3 routed nowhere: T * top-k no longer holds
-    with pytest.raises(RuntimeError, match="routes != tokens x top-k"):
+    free = (~routing_map[4]).nonzero().squeeze(1)[:TOPK]
+    routing_map[4, free] = True  # token 4 takes token 3's routes: the total T x top-k still holds
+    routing_map[3] = False
+    assert routing_map.sum() == 5 * TOPK
+    with pytest.raises(RuntimeError, match="a token's routes != top-k"):
         permute_dropless(x, routing_map, probs, TOPK)

@@ -143,14 +143,17 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
         loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         # fp32 accumulator, as in _LinearCrossEntropy.backward; padded rows keep zero gradient.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # A frozen weight (e.g. freeze_language_model) gets none: no GEMM, no buffer held.
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if weight.requires_grad else None)
         step = _fn(_chunk_loss_and_grad, hidden)
         for i in range(0, tokens, chunk):
             j = min(i + chunk, tokens)
             logits = hidden[i:j] @ w.t()
             loss[i:j], grad_logits = step(logits, target[i:j], token_weights[i:j])
             grad_hidden[i:j] = grad_logits @ w
-            accumulate_wgrad(grad_weight[:real], grad_logits, hidden[i:j])
+            if grad_weight is not None:
+                accumulate_wgrad(grad_weight[:real], grad_logits, hidden[i:j])
         ctx.save_for_backward(grad_hidden, grad_weight, token_weights)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -164,8 +167,12 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
             ((grad_loss - c * weights).abs() <= 1e-6 * c.abs()).all(),
             "fused cross-entropy: the losses' gradient is not c * token_weights (token_weighted_loss misused)",
         )
-        return (grad_hidden * c.to(grad_hidden.dtype), (grad_weight * c).to(ctx.weight_dtype),
-                None, None, None, None)
+        # c multiplies in fp32 before the one rounding per element, as in _chunk_grad: a c rounded
+        # to bf16 first would bias the whole micro-batch's gradient by up to 2^-9.
+        grad_hidden = (grad_hidden.float() * c).to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(c).to(ctx.weight_dtype)  # in place: no second fp32 [V, h]
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 _TOKEN_WEIGHTS: contextvars.ContextVar = contextvars.ContextVar("megatune_token_weights", default=None)

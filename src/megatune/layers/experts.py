@@ -63,7 +63,8 @@ class _GroupedLinear(torch.autograd.Function):
     main_grad by `add_into_main_grad`. Like Megatron's LinearWithGradAccumulation... with
     `gradient_accumulation_fusion`, it sets `weight.grad_added_to_main_grad` (so DDP's hook adds
     nothing) and returns an unwritten weight-sized gradient, so that the hook still runs, on the
-    backward's own thread, and marks the bucket ready for `overlap_grad_reduce`."""
+    backward's own thread, and marks the bucket ready for `overlap_grad_reduce`; a weight without
+    that attribute (no Megatron DDP) gets no gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, offs):
@@ -77,8 +78,9 @@ class _GroupedLinear(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = gmm(grad_out, weight, offs=offs)
         add_into_main_grad(weight.main_grad, gmm(grad_out.t(), x, offs=offs))
-        if hasattr(weight, "grad_added_to_main_grad"):
-            weight.grad_added_to_main_grad = True
+        if not hasattr(weight, "grad_added_to_main_grad"):  # no DDP hook to trigger (Megatron: None)
+            return grad_x, None, None
+        weight.grad_added_to_main_grad = True
         return grad_x, torch.empty_like(weight), None
 
 
