@@ -113,3 +113,44 @@ def test_cli_prints_one_line_per_problem_without_traceback(tmp_path, megatune_in
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 2, result.stderr  # heads, query groups
     assert all(line.startswith("megatune: error: ") for line in lines)
+
+
+def _config_only_model(path, model_type: str, **fields) -> dict:
+    """A model folder holding only config.json (no weights): enough for config validation."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **fields)
+    config.save_pretrained(str(path))
+    return config.to_dict()
+
+
+# The real shapes of the reference examples' models (Qwen3-30B-A3B, Qwen2-VL-7B-Instruct config.json).
+QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, tie_word_embeddings=False)
+QWEN2_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4,
+                     rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16), tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("example, model_type, fields, layout, fewer", [
+    ("qwen3_moe_full.yaml", "qwen3_moe", QWEN3_30B_A3B, dict(tp=1, pp=4, ep=2, dp=2, global_batch_size=16),
+     "start 8 processes with --nproc_per_node 8"),
+    ("qwen2_vl_full.yaml", "qwen2_vl", QWEN2_VL_7B, dict(tp=4, pp=2, ep=1, dp=1, global_batch_size=2),
+     "start 8 processes with --nproc_per_node 8"),
+])
+def test_reference_8_gpu_examples_are_accepted_for_their_models(tmp_path, example, model_type, fields, layout, fewer):
+    """LLaMA-Factory's two Megatron examples (examples/, only model path and dataset changed) load
+    with every key understood and validate on 8 ranks against the real models' shapes; on 4 ranks
+    the error says how many processes to start."""
+    from tests.conftest import REPO
+
+    hf = _config_only_model(tmp_path / "model", model_type, **fields)
+    config = load_config(str(REPO / "examples" / example), {"model_name_or_path": str(tmp_path / "model")})
+    got = validate(config, 8, hf_config=hf)
+    assert {k: getattr(got, k) for k in layout} == layout
+    with pytest.raises(ConfigError) as info:
+        validate(config, 4, hf_config=hf)
+    assert any(fewer in p for p in info.value.problems), info.value.problems

@@ -322,11 +322,11 @@ def test_llamafactory_example_keys_load_and_refusals_say_why():
     noted = " ".join(config.notes)
     assert "dataloader_num_workers" in noted and "overlap_p2p_comm" in noted and "use_unsloth" not in noted
     with pytest.raises(ConfigError) as info:
-        load_config(None, dict(save_strategy="epoch", video_max_pixels=1000, fp8="e4m3", lora_rank=8,
+        load_config(None, dict(save_strategy="epoch", use_audio_in_video=True, fp8="e4m3", lora_rank=8,
                                pipeline_model_parallel_layout="E,t|t,L", save_stratgy="steps"))
     problems = info.value.problems
     assert "key 'save_strategy' is not supported: value 'epoch': checkpoints are saved every save_steps" in problems[0]
-    assert "video_max_pixels" in problems[1]  # videos are refused (images are honoured)
+    assert "use_audio_in_video" in problems[1]  # video/audio rows are refused (images are honoured)
     assert "Transformer Engine" in problems[2] and "full fine-tuning" in problems[3]
     assert "uneven pipeline splits" in problems[4]
     assert problems[5].endswith("unknown key 'save_stratgy'; did you mean 'save_strategy'?")

@@ -17,7 +17,7 @@ USAGE = """usage: megatune <command> [CONFIG.yaml] [--key value ...]
        megatune --version
 
 commands:
-  train        fine-tune (stage: sft or pt) from a LLaMA-Factory-style YAML; checkpoints into
+  train        fine-tune (stage: sft, pt or dpo) from a LLaMA-Factory-style YAML; checkpoints into
                output_dir/checkpoint-N, a Hugging Face checkpoint into output_dir at the end
   export       convert a training checkpoint to a Hugging Face checkpoint:
                megatune export --checkpoint_path DIR --output_path DIR [--dtype bfloat16|float16|float32]

@@ -125,6 +125,10 @@ _INFERENCE = "an inference/generation option; training does not use it"
 _HUB = "megatune reads local folders only and downloads nothing"
 
 NOOP = {
+    # Video frame settings shape video rows only (LLaMA-Factory's qwen2_vl_full.yaml sets one):
+    # harmless with image data; a row with a video is refused when the data is read.
+    **{k: "it only shapes video rows; videos are not supported yet (a row with one is refused when read)"
+       for k in ("video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")},
     # LLaMA-Factory model arguments
     "cache_dir": _HUB, "model_revision": _HUB, "hf_hub_token": _HUB, "ms_hub_token": _HUB, "om_hub_token": _HUB,
     "use_fast_tokenizer": "the tokenizer is loaded with transformers' AutoTokenizer (fast where the folder has one)",
@@ -210,7 +214,7 @@ NOOP_VALUES = {
 
 _LORA = "only full fine-tuning is supported (finetuning_type: full); remove the LoRA/OFT/freeze keys"
 _OPTIM = "megatune trains with Megatron's Adam; remove the alternative-optimizer keys"
-_RLHF = "megatune trains stages pt and sft (dpo is being added); PPO/KTO/reward-model keys do not apply"
+_RLHF = "megatune trains stages pt, sft and dpo; PPO/KTO/reward-model keys do not apply"
 _QUANT = "quantized training is not supported; train in bf16 and quantize the exported model"
 _EXPORT = "use `megatune export --checkpoint_path DIR --output_path DIR` (and quantize with another tool)"
 _VOCAB = "changing the vocabulary is not supported; add the tokens and resize the embeddings with transformers first"
@@ -235,8 +239,7 @@ REFUSED = {
                             "export_legacy_format", "export_hub_model_id")},
     **{k: _VOCAB for k in ("resize_vocab", "add_tokens", "add_special_tokens", "new_special_tokens_config",
                            "init_special_tokens", "split_special_tokens")},
-    **{k: _MEDIA for k in ("video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video",
-                           "audio_sampling_rate")},
+    **{k: _MEDIA for k in ("use_audio_in_video", "audio_sampling_rate")},
     **{k: "not used by the Qwen2-VL image processor megatune runs" for k in ("image_do_pan_and_scan", "crop_to_patches")},
     "media_dir": "image paths are taken from dataset_dir (or absolute); move the images there",
     **{k: _RLHF for k in ("pref_bco_weight", "kto_chosen_weight", "kto_rejected_weight", "ppo_buffer_size", "ppo_epochs",
