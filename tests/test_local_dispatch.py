@@ -158,26 +158,33 @@ def test_token_dropping_keeps_megatron_dispatcher(groups):
     assert type(layer.token_dispatcher) is MoEAlltoAllTokenDispatcher
 
 
-@pytest.mark.parametrize("ep, etp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("ep, etp", [(1, 1), (2, 1), (1, 2)])
 @pytest.mark.parametrize("dispatcher_type", ["alltoall", "allgather"])
-def test_experts_spread_over_ranks_keep_the_all_to_all(groups, ep, etp, dispatcher_type):
-    """With expert parallelism or expert tensor parallelism tokens travel between ranks: the
-    local dispatcher must stay off; Megatron's all-to-all keeps its communication and only its
-    permute is replaced, Megatron's all-gather dispatcher stays as it is (checked on the sizes
-    Megatron's dispatcher reports)."""
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+def test_dispatcher_choice_by_expert_layout(groups, ep, etp, dispatcher_type):
+    """One rank with every expert: the local dispatcher. Experts spread over ranks (expert
+    parallelism or expert tensor parallelism): Megatron's all-to-all keeps its communication with
+    our permute, Megatron's all-gather dispatcher stays as it is. Token dropping: Megatron's."""
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
-    from megatune.layers.local_dispatch import local_dispatch_applies, sync_free_alltoall_applies
+    from megatune.layers.local_dispatch import (
+        LocalTokenDispatcher,
+        SyncFreeAlltoAllDispatcher,
+        dispatch_description,
+        sync_free_dispatcher_for,
+    )
 
-    layer = moe_layer(dispatcher_type)
-    megatron_cls = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
-    dispatcher = megatron_cls(layer.num_local_experts, layer.local_expert_indices, config=layer.config,
-                              pg_collection=get_default_pg_collection())
-    assert local_dispatch_applies(layer.config, dispatcher)
-    dispatcher.ep_size, dispatcher.tp_size = ep, etp
-    assert not local_dispatch_applies(layer.config, dispatcher)
-    assert sync_free_alltoall_applies(layer.config, dispatcher) == (dispatcher_type == "alltoall")
+    config = moe_layer(dispatcher_type).config
+    megatron = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
+    want = (LocalTokenDispatcher if (ep, etp) == (1, 1)
+            else SyncFreeAlltoAllDispatcher if dispatcher_type == "alltoall" else None)
+    assert sync_free_dispatcher_for(config, megatron, ep, etp) is want
+    dropping = moe_layer(dispatcher_type, capacity=1.0).config
+    assert sync_free_dispatcher_for(dropping, megatron, ep, etp) is None
+    config.expert_model_parallel_size, config.expert_tensor_parallel_size = ep, etp
+    text = dispatch_description(config)
+    assert ("local permutation" in text) == (want is LocalTokenDispatcher)
+    assert ("all-to-all with megatune's" in text) == (want is SyncFreeAlltoAllDispatcher)
+    assert (text == f"Megatron's {dispatcher_type} dispatcher") == (want is None)
 
 
 def test_permute_dropless_refuses_a_routing_map_without_topk_routes_per_token():

@@ -30,6 +30,13 @@ EXPERTS = {  # flags, and what the run says computes the experts
     "grouped": (GROUPED, "MoE experts: megatune GroupedExperts"),
 }
 ALLTOALL = ["--moe_token_dispatcher_type", "alltoall"]
+DISPATCH = {  # layout -> what the run says permutes its tokens (layers/local_dispatch.py)
+    "ep1": "MoE token dispatch: megatune's sync-free local permutation",
+    "ep2": "MoE token dispatch: Megatron's allgather dispatcher",
+    "ep2_alltoall": "MoE token dispatch: Megatron's all-to-all with megatune's sync-free permute/un-permute",
+    "tp2_sp": "MoE token dispatch: Megatron's allgather dispatcher",  # expert TP = TP = 2
+    "pp2": "MoE token dispatch: megatune's sync-free local permutation",
+}
 LAYOUTS = {
     "ep1": [],
     "ep2": ["--expert_model_parallel_size", "2", "--nproc_per_node", "2"],
@@ -80,7 +87,7 @@ def test_qwen3_moe_matches_transformers_and_round_trips(moe_model, moe_runs, lay
     runs, root = moe_runs
     result = runs.get(f"verify-{layout}-{experts}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert EXPERTS[experts][1] in result.stdout
+    assert EXPERTS[experts][1] in result.stdout and DISPATCH[layout] in result.stdout
     diffs = parse_diffs(result.stdout)
     assert diffs["max_abs_diff"] <= 1e-4
     source, exported = all_tensors(moe_model), all_tensors(root / f"verify-{layout}-{experts}" / "export")

@@ -29,8 +29,8 @@ Two dispatchers use it:
   offsets from them on the GPU; Megatron's SequentialMLP reads them with `.tolist()`).
 
 On the Qwen3-30B-A3B shape (128 experts, top-8) the syncs left a third of the step idle.
-`MoELayerWithSyncFreeDispatch` is Megatron's MoELayer that installs one of them when
-`local_dispatch_applies` / `sync_free_alltoall_applies`.
+`MoELayerWithSyncFreeDispatch` is Megatron's MoELayer that installs the one
+`sync_free_dispatcher_for` picks.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: tor
 
     Precondition: exactly `topk` routes for every token. Megatron-core 0.16.1's top-k router gives every
     token (padding included: the padding mask only shapes the load-balancing loss) exactly
-    `topk` experts when no capacity is set; the `*_applies` checks keep these dispatchers off
-    otherwise. A routing map that broke it would fail an asynchronous device assertion (a
+    `topk` experts when no capacity is set; `sync_free_dispatcher_for` keeps these dispatchers
+    off otherwise. A routing map that broke it would fail an asynchronous device assertion (a
     RuntimeError at the next sync), never pass silently.
     """
     num_tokens = routing_map.shape[0]
@@ -133,21 +133,37 @@ def _drop_less_without_hooks(config) -> bool:
     )
 
 
-def local_dispatch_applies(config, dispatcher) -> bool:
-    """Whether `dispatcher` (Megatron's all-to-all or all-gather one, just built) can be
-    replaced by LocalTokenDispatcher (both group tokens as it does): one rank holds all experts
-    whole and routing is drop-less with a fixed top-k."""
-    return (
-        isinstance(dispatcher, (MoEAlltoAllTokenDispatcher, MoEAllGatherTokenDispatcher))
-        and dispatcher.ep_size == 1
-        and dispatcher.tp_size == 1
-        and _drop_less_without_hooks(config)
-    )
+def sync_free_dispatcher_for(config, megatron_dispatcher: type, ep_size: int, etp_size: int) -> type | None:
+    """The dispatcher `MoELayerWithSyncFreeDispatch` puts in place of Megatron's
+    `megatron_dispatcher` class for a layer with these expert-parallel / expert-tensor-parallel
+    sizes, or None to keep Megatron's. `LocalTokenDispatcher` when one rank holds every expert
+    whole (it groups tokens as both Megatron's all-to-all and all-gather dispatchers do);
+    `SyncFreeAlltoAllDispatcher` for the all-to-all otherwise; neither unless routing is
+    drop-less with a fixed top-k and nothing hooks into the dispatcher's stages."""
+    if not _drop_less_without_hooks(config):
+        return None
+    if issubclass(megatron_dispatcher, (MoEAlltoAllTokenDispatcher, MoEAllGatherTokenDispatcher)) \
+            and ep_size == 1 and etp_size == 1:
+        return LocalTokenDispatcher
+    if issubclass(megatron_dispatcher, MoEAlltoAllTokenDispatcher):
+        return SyncFreeAlltoAllDispatcher
+    return None
 
 
-def sync_free_alltoall_applies(config, dispatcher) -> bool:
-    """Whether Megatron's all-to-all `dispatcher` can run the sync-free permute (any EP / expert TP)."""
-    return isinstance(dispatcher, MoEAlltoAllTokenDispatcher) and _drop_less_without_hooks(config)
+_MEGATRON_DISPATCHERS = {"alltoall": MoEAlltoAllTokenDispatcher, "allgather": MoEAllGatherTokenDispatcher}
+
+
+def dispatch_description(config) -> str:
+    """What the MoE layers of a model built from `config` (a TransformerConfig) will permute
+    tokens with, for the start-up lines."""
+    kind = config.moe_token_dispatcher_type
+    ours = sync_free_dispatcher_for(config, _MEGATRON_DISPATCHERS.get(kind, type(None)),
+                                    config.expert_model_parallel_size, config.expert_tensor_parallel_size)
+    if ours is LocalTokenDispatcher:
+        return "megatune's sync-free local permutation (every expert on each rank; layers/local_dispatch.py)"
+    if ours is SyncFreeAlltoAllDispatcher:
+        return "Megatron's all-to-all with megatune's sync-free permute/un-permute (layers/local_dispatch.py)"
+    return f"Megatron's {kind} dispatcher"
 
 
 class SyncFreeAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
@@ -206,19 +222,17 @@ class LocalTokenDispatcher(SyncFreeAlltoAllDispatcher):
 
 
 class MoELayerWithSyncFreeDispatch(MoELayer):
-    """Megatron's MoELayer; uses LocalTokenDispatcher where `local_dispatch_applies`, else
-    SyncFreeAlltoAllDispatcher where `sync_free_alltoall_applies`, else Megatron's dispatcher."""
+    """Megatron's MoELayer with the dispatcher `sync_free_dispatcher_for` picks (Megatron's own
+    where it picks none)."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         if pg_collection is None:  # as MoELayer does, so the dispatcher gets the same groups
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
-        if local_dispatch_applies(self.config, self.token_dispatcher):
-            cls = LocalTokenDispatcher
-        elif sync_free_alltoall_applies(self.config, self.token_dispatcher):
-            cls = SyncFreeAlltoAllDispatcher
-        else:
+        megatron = self.token_dispatcher
+        cls = sync_free_dispatcher_for(self.config, type(megatron), megatron.ep_size, megatron.tp_size)
+        if cls is None:
             return
         self.token_dispatcher = cls(
             self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=pg_collection

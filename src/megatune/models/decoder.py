@@ -80,10 +80,13 @@ class DecoderProvider(ModelProvider):
         notes = [note] if note else []
         if not self.is_moe(hf):
             return notes
+        from megatune.layers.local_dispatch import dispatch_description
         from megatune.layers.spec import moe_experts_description
+        from megatune.models.build import transformer_config
 
         return notes + [
             f"MoE experts: {moe_experts_description(config.parallel.moe_grouped_gemm)}",
+            f"MoE token dispatch: {dispatch_description(transformer_config(config, hf, self))}",
             f"MoE routing: {moe.aux_loss_description(hf, config)}",
         ]
 
