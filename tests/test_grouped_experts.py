@@ -158,3 +158,42 @@ def test_sequential_checkpoint_loads_into_grouped_experts(groups, tmp_path):
     for e, expert in enumerate(seq2.local_experts):
         assert torch.equal(expert.linear_fc1.weight, grp_ref.weight1[e])
         assert torch.equal(expert.linear_fc2.weight, grp_ref.weight2[e])
+
+
+@pytest.mark.parametrize("overlap_grad_reduce", [False, True])
+def test_fused_expert_weight_grads_under_megatron_ddp(groups, overlap_grad_reduce):
+    """GroupedExperts (grouped_mm path, gradient_accumulation_fusion) inside Megatron's DDP, two
+    micro-batches: DDP's hooks still fire (with overlap_grad_reduce a bucket whose hook never
+    ran fails finish_grad_sync), add nothing twice, and main_grad ends as the sum of the plain
+    path's weight gradients."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    _, grp = pair(True)
+    grp.force_grouped_mm = True
+    x, probs, grad = inputs()
+    run(grp, x, probs, grad)
+    want = {name: 2 * getattr(grp, name).grad.clone() for name in ("weight1", "weight2")}  # two micro-batches
+    grp.zero_grad(set_to_none=True)
+
+    grp.config.gradient_accumulation_fusion = True
+    try:
+        ddp = DistributedDataParallel(
+            config=grp.config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+                                                     use_distributed_optimizer=False),
+            module=grp,
+        )
+        ddp.zero_grad_buffer()
+        for micro_batch in range(2):
+            if overlap_grad_reduce and micro_batch == 0:
+                with ddp.no_sync():
+                    run(ddp, x, probs, grad)
+            else:
+                run(ddp, x, probs, grad)
+        ddp.finish_grad_sync()
+        for name, expected in want.items():
+            w = getattr(grp, name)
+            assert w.grad is None  # DDP's hook took it (and added nothing: the flag was set)
+            torch.testing.assert_close(w.main_grad, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        grp.config.gradient_accumulation_fusion = False
