@@ -68,14 +68,11 @@ def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, i
 
 def _chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor):
     """(per-token loss logsumexp(z) - z[y] fp32, (softmax(z) - onehot(y)) * token_weight in the
-    logits' dtype) for one chunk of a vocabulary held whole on this rank."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)
-    tgt = torch.gather(z, -1, target.unsqueeze(-1)).squeeze(-1)
-    p = torch.exp(z - lse.unsqueeze(-1))
-    cols = torch.arange(logits.shape[-1], device=logits.device)
-    onehot = cols.unsqueeze(0) == target.unsqueeze(-1)
-    return lse - tgt, ((p - onehot.float()) * token_weights.float().unsqueeze(-1)).to(logits.dtype)
+    logits' dtype) for one chunk of a vocabulary held whole on this rank: `_chunk_stats` and
+    `_chunk_grad` in one compiled kernel, the token weights as the upstream gradient."""
+    in_range = torch.ones_like(target, dtype=torch.bool)
+    lse, tgt = _chunk_stats(logits, target, in_range)
+    return lse - tgt, _chunk_grad(logits, lse, target, in_range, token_weights)
 
 
 def _fn(fn: Callable, x: torch.Tensor) -> Callable:

@@ -21,7 +21,8 @@ Compute: on CUDA with bf16 and 16-aligned dims, `torch.nn.functional.grouped_mm`
 `torch._grouped_mm` on older torch) over the tokens grouped by expert (int32 end offsets from
 `tokens_per_expert`). With `gradient_accumulation_fusion` and DDP's fp32 `main_grad` present,
 the weight gradient is added into `main_grad` in the backward itself by one vectorised kernel
-(`_GroupedLinear`), as Megatron's linear layers do with that flag, instead of by DDP's hook. Otherwise (CPU, fp32/fp16, unaligned dims, no grouped_mm) a per-expert matmul
+(`_GroupedLinear`), as Megatron's linear layers do with that flag, instead of by DDP's hook.
+Otherwise (CPU, fp32/fp16, unaligned dims, no grouped_mm) a per-expert matmul
 loop that is numerically the same as SequentialMLP's. The router probabilities are applied as
 SequentialMLP's MLP applies `per_token_scale`: after the activation, before fc2, in the probs'
 dtype (fp32) and cast back.
@@ -53,6 +54,11 @@ def grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """[tokens, in] grouped by expert -> [tokens, out] through `weight` [experts, out, in]."""
+    return grouped_mm_fn()(x, weight.transpose(1, 2), offs=offs)
+
+
 class _GroupedLinear(torch.autograd.Function):
     """out[rows of expert e] = x[rows of expert e] @ weight[e]^T via grouped_mm, with the weight
     gradient added straight into `weight.main_grad` (DDP's fp32 buffer).
@@ -69,7 +75,7 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offs):
         ctx.save_for_backward(x, weight, offs)
-        return grouped_mm_fn()(x, weight.transpose(1, 2), offs=offs)
+        return _grouped_linear(x, weight, offs)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -166,10 +172,10 @@ class GroupedExperts(MegatronModule):
         return x.is_cuda and x.dtype == torch.bfloat16 and self.weight1.dtype == torch.bfloat16 and self.aligned
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """[tokens, in] grouped by expert -> [tokens, out] through `weight` [experts, out, in]."""
+        """`_grouped_linear`, with the weight gradient fused into main_grad where it can be."""
         if self.config.gradient_accumulation_fusion and hasattr(weight, "main_grad") and torch.is_grad_enabled():
             return _GroupedLinear.apply(x, weight, offs)
-        return grouped_mm_fn()(x, weight.transpose(1, 2), offs=offs)
+        return _grouped_linear(x, weight, offs)
 
     def _activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Activation then the per-token router weight, exactly as Megatron's MLP does with

@@ -87,16 +87,16 @@ def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: tor
     copies in ascending expert order, tokens per expert [E] int64), all on tokens' device. The
     order equals Megatron's `moe_utils.permute` (expert-major, ascending token within an expert).
 
-    Precondition: exactly `topk` routes for every token. Megatron-core 0.16.1's top-k router gives every
-    token (padding included: the padding mask only shapes the load-balancing loss) exactly
-    `topk` experts when no capacity is set; `sync_free_dispatcher_for` keeps these dispatchers
+    Precondition: exactly `topk` routes for every token. Megatron-core 0.16.1's top-k router
+    gives every token (padding included: the padding mask only shapes the load-balancing loss)
+    exactly `topk` experts when no capacity is set; `sync_free_dispatcher_for` keeps these dispatchers
     off otherwise. A routing map that broke it would fail an asynchronous device assertion (a
     RuntimeError at the next sync), never pass silently.
     """
     num_tokens = routing_map.shape[0]
     counts = routing_map.sum(dim=0)
     # Every token needs exactly top-k routes (not only the total): `rows` is [T, topk].
-    torch._assert_async((routing_map.sum(dim=1) == topk).all(), "LocalTokenDispatcher: a token's routes != top-k")
+    torch._assert_async((routing_map.sum(dim=1) == topk).all(), "permute_dropless: a token's routes != top-k")
     expert_major = routing_map.t().reshape(-1)  # [E*T], index = expert * T + token
     flat = torch.nonzero_static(expert_major, size=num_tokens * topk).squeeze(1)
     source = flat % num_tokens

@@ -14,7 +14,6 @@ totals into logged values.
 from __future__ import annotations
 
 import contextlib
-
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable, Iterator
 
