@@ -1,11 +1,12 @@
 """transformers' own Qwen2-VL training loop on one GPU, on exactly the global batches megatune
 trains on (megatune's data pipeline and collator produce them), for the throughput comparison.
 
-fp32 weights and AdamW (fused) with bf16 autocast (LLaMA-Factory's default for full fine-tuning),
-SDPA attention, loss = token mean over the global batch. Prints one JSON line: tokens/s,
-TFLOP/s (the model provider's formula: decoder + vision tower), peak memory.
+`--precision amp` (default): fp32 weights and AdamW (fused) with bf16 autocast (LLaMA-Factory's
+default for full fine-tuning); `--precision bf16`: pure bf16 weights and optimizer state. SDPA
+attention, loss = token mean over the global batch. Prints one JSON line: tokens/s, TFLOP/s
+(the model provider's formula: decoder + vision tower), peak memory.
 
-    python benchmarks/hf_vl_train_baseline.py CONFIG.yaml --steps 6 --warmup 2
+    python benchmarks/hf_vl_train_baseline.py CONFIG.yaml --steps 6 --warmup 2 [--precision bf16]
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", choices=["amp", "bf16"], default="amp")
     args = parser.parse_args()
+    amp = args.precision == "amp"
     config = load_config(args.config, {})
     model_dir = config.model.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -43,7 +46,8 @@ def main() -> None:
     provider = get_provider(hf)
     cuda = torch.cuda.is_available()  # CPU only for a smoke test of this script
     dev = "cuda" if cuda else "cpu"
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").to(dev)
+    dtype = torch.float32 if amp else torch.bfloat16
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(dev)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     image_id = hf["image_token_id"]
@@ -64,8 +68,9 @@ def main() -> None:
         for b in batches:
             ids = b.tokens.to(dev)
             mask = (torch.arange(ids.shape[1]).unsqueeze(0) < b.lengths.unsqueeze(1)).to(dev)
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(input_ids=ids, attention_mask=mask, pixel_values=b.extras["pixel_values"].to(dev),
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda and amp):
+                logits = model(input_ids=ids, attention_mask=mask,
+                               pixel_values=b.extras["pixel_values"].to(dev, dtype),
                                image_grid_thw=b.extras["image_grid_thw"].to(dev),
                                **({"mm_token_type_ids": (ids == image_id).int()} if takes_types else {})).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.to(dev).flatten(),
@@ -82,7 +87,7 @@ def main() -> None:
             flops.append(provider.step_flops(hf, doc_lens, [g for s in global_batch for g in s.image_grid_thw]))
     seconds = sum(times)
     print(json.dumps({
-        "run": "transformers amp (fp32 weights, bf16 autocast), 1 GPU",
+        "run": f"transformers {args.precision} ({'fp32 weights, bf16 autocast' if amp else 'bf16 weights'}), 1 GPU",
         "tokens_per_s": sum(tokens) / seconds,
         "tflops_per_gpu": sum(flops) / seconds / 1e12,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,

@@ -5,7 +5,12 @@
 #        the overlap options off, on, and on with 400M-parameter buckets (micro-batch 2 x 4 per rank); Qwen3-8B (36 layers) on 2 GPUs,
 #        DP=2 with the distributed optimizer and overlap (PP=2 if that fails)
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR moe     -- Qwen3-30B-A3B shape, 4 layers: 1 GPU vs DP=2
-#        and EP=2 (micro-batch 4 x 2 per rank), and transformers bf16 at micro-batch 4 on 1 GPU
+#        and EP=2 with each token dispatcher (micro-batch 4 x 2 per rank; EP runs profiled), and
+#        transformers bf16 at micro-batch 4 on 1 GPU
+#   bash benchmarks/scaling_2gpu.sh OUT_DIR overlap -- Qwen3-1.7B DP=2, micro-batch 2 x 4: the overlap
+#        options off, on, and on with NCCL limited to NCTAS thread blocks (SMs) per collective
+#   bash benchmarks/scaling_2gpu.sh OUT_DIR vl      -- 1 GPU: Qwen2-VL-7B shape with 8 decoder layers,
+#        transformers amp and bf16 vs megatune on the same multimodal batches
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR memory  -- 1 GPU: which allocations make the MoE peak
 set -u
 out=${1:-/tmp/scaling}; what=${2:-dense}
@@ -30,7 +35,20 @@ case $what in
     b="$t --shape qwen3-30b-a3b-4l --steps 4 --warmup 3 --micro_batch 4 --grad_accum 2"
     CUDA_VISIBLE_DEVICES=0 $b --baseline hf_bf16
     $b --gpus 2
-    $b --gpus 2 --set expert_model_parallel_size=2
+    $b --gpus 2 --set expert_model_parallel_size=2 --profile fast
+    $b --gpus 2 --set expert_model_parallel_size=2 moe_token_dispatcher_type=allgather --profile fast
+    ;;
+  overlap)
+    b="$t --shape qwen3-1.7b --steps 4 --warmup 3 --micro_batch 2 --grad_accum 4 --gpus 2"
+    $b
+    $b --set $overlap
+    ctas=${NCTAS:-8 2}
+    for n in $ctas; do NCCL_MAX_CTAS=$n $b --set $overlap; done
+    NCCL_MAX_CTAS=${ctas%% *} $b --set overlap_grad_reduce=true
+    ;;
+  vl)
+    CUDA_VISIBLE_DEVICES=0 $t --shape qwen2-vl-7b-8l --seq_len 1024 --steps 4 --warmup 2 --micro_batch 4 \
+      --grad_accum 2 --baseline hf
     ;;
   memory)
     CUDA_VISIBLE_DEVICES=0 $t --shape qwen3-30b-a3b-4l --steps 1 --warmup 2 --micro_batch 1 --grad_accum 2 --memory_snapshot

@@ -19,6 +19,17 @@ Paths:
          micro-batch otherwise). The TransformerConfig fields are set by wrapping
          models/build.py's transformer_config here until build.py sets them from the config.
 
+Vision-language shapes (`qwen2-vl-7b`, or `qwen2-vl-7b-8l` for its first 8 decoder layers; the
+vision tower is always whole): benchmarks/vl_shape.py writes the model and a multimodal dataset
+(one `--image_size` square image and a ~600-token answer per row) next to it; every step's
+global batch comes from megatune's data pipeline (stage sft, template qwen2_vl, cutoff_len =
+--seq_len, one row per sequence, no packing), prepared before the timed step, and the baseline
+(benchmarks/hf_vl_train_baseline.py) trains transformers' Qwen2-VL on exactly those batches. FLOPs
+then add the vision tower's (models/qwen2_vl.py's formula) and count real tokens only.
+
+    python benchmarks/throughput.py --shape qwen2-vl-7b-8l --seq_len 1024 --micro_batch 4 \
+        --grad_accum 2 --paths fast --baseline hf
+
 FLOPs (the same formula as engine/metrics.py and DESIGN.md §4): 6 x matmul params x tokens
 (embedding lookups free, the output layer counted) + causal attention 6 x heads x head_dim x
 sum(seq^2) x layers. MFU is against 989 TFLOP/s (H100/H200 dense bf16).
@@ -44,13 +55,35 @@ FLOP_FORMULA = ("6 * matmul_params * tokens + 6 * heads * head_dim * sum(seq_len
                 "(engine/metrics.py step_flops; embedding lookups not counted, output layer counted)")
 
 
-def ensure_model(shape: str, model_dir: str) -> None:
+VL_FLOPS = "; plus the vision tower's matmuls and attention per image (models/qwen2_vl.py), real tokens only"
+VL_SHAPE = re.compile(r"qwen2-vl-7b(?:-(\d+)l)?$")  # Qwen2-VL-7B, optionally its first N decoder layers
+
+
+def vl_data_dir(model_dir: str) -> str:
+    return model_dir.rstrip("/") + "_data"
+
+
+def ensure_model(shape: str, model_dir: str, image_size: int = 512) -> None:
+    """Write the random-weight checkpoint of `shape` to `model_dir` (and, for a vision-language
+    shape, its dataset to vl_data_dir(model_dir)) unless they exist."""
+    sys.path.insert(0, str(HERE))
+    vl = VL_SHAPE.match(shape)
+    if vl:
+        import vl_shape
+
+        if not (Path(model_dir) / "config.json").is_file():
+            vl_shape.write_model(model_dir, int(vl.group(1) or vl_shape.TEXT["num_hidden_layers"]))
+        if not (Path(vl_data_dir(model_dir)) / "dataset_info.json").is_file():
+            vl_shape.write_data(vl_data_dir(model_dir), rows=64, size=image_size)
+        return
     if (Path(model_dir) / "config.json").is_file():
         return
-    sys.path.insert(0, str(HERE))
-    from model_shapes import write_preset
+    from model_shapes import PRESETS, write_preset
     import torch
 
+    if shape not in PRESETS:
+        raise SystemExit(f"--shape {shape!r}: not a known shape; choose one of {sorted(PRESETS)}, "
+                         "qwen2-vl-7b or qwen2-vl-7b-<N>l")
     write_preset(shape, model_dir, torch.bfloat16)
 
 
@@ -147,6 +180,39 @@ def transient_at_peak(snapshot: dict, top: int = 12) -> dict:
 # One megatune path (child process)
 
 
+def vl_overrides(args) -> dict:
+    """The config keys of a vision-language run (megatune's and the transformers baseline's)."""
+    return {"stage": "sft", "dataset": "vl_bench", "dataset_dir": vl_data_dir(args.model_dir),
+            "template": "qwen2_vl", "cutoff_len": args.seq_len}
+
+
+def vl_step_batches(config, layout, stage, bundle):
+    """A step function over megatune's own data pipeline for a vision-language shape: each call
+    returns (this rank's collated micro-batches of the next global batch, model FLOPs per GPU,
+    real tokens per GPU), the FLOPs by the model provider's formula (decoder + vision tower)."""
+    from transformers import AutoTokenizer
+
+    from megatune.data.collator import pad_multiple_for
+    from megatune.data.source import build_train_source, rank_share
+    from megatune.engine.step import micro_batches
+    from megatron.core import parallel_state as ps
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.model_name_or_path)
+    stage.prepare_tokenizer(config, tokenizer)
+    source = build_train_source(config, tokenizer, layout.global_batch_size)[0]
+    pad_multiple = pad_multiple_for(layout.tp, layout.cp, config.parallel.sequence_parallel)
+
+    def step_batches() -> tuple[list, float, float]:
+        global_batch = source.next_global_batch()
+        share = rank_share(global_batch, ps.get_data_parallel_rank(), layout.dp)
+        batches = micro_batches(stage, share, layout.micro_batch_size, tokenizer.pad_token_id, pad_multiple, False)
+        doc_lens = [n for sample in global_batch for n in sample.doc_lens]
+        grids = [g for sample in global_batch for g in sample.image_grid_thw]
+        return batches, bundle.step_flops(doc_lens, grids) / layout.world_size, sum(doc_lens) / layout.world_size
+
+    return step_batches
+
+
 def run_megatune(args) -> dict:
     import torch
 
@@ -177,6 +243,9 @@ def run_megatune(args) -> dict:
         "gradient_accumulation_fusion": fast,
         "cross_entropy_loss_fusion": fast,
     }
+    vl = VL_SHAPE.match(args.shape) is not None
+    if vl:  # real multimodal batches from the data pipeline (ensure_model wrote the dataset)
+        overrides.update(vl_overrides(args))
     overrides.update(args.overrides)
     config = load_config(None, overrides)
     layout = derive_layout(config, int(os.environ.get("WORLD_SIZE", "1")))
@@ -214,29 +283,34 @@ def run_megatune(args) -> dict:
             torch.cuda.synchronize()
 
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    vocab = bundle.provider.vocab_size(bundle.hf)
     stage = get_stage(config)
-    gen = torch.Generator().manual_seed(0)
+    if vl:
+        step_batches = vl_step_batches(config, layout, stage, bundle)
+    else:
+        vocab = bundle.provider.vocab_size(bundle.hf)
+        gen = torch.Generator().manual_seed(0)
+        # Every data-parallel rank runs grad_accum micro-batches; model FLOPs per GPU divide the
+        # global batch's FLOPs by the world size (as engine/metrics.py does).
+        global_tokens = args.micro_batch * args.grad_accum * layout.dp
+        text_flops = bundle.step_flops([args.seq_len] * global_tokens) / layout.world_size
 
-    def step_batches() -> list:
-        batches = []
-        for _ in range(args.grad_accum):
-            rows = [torch.randint(0, vocab, (args.seq_len,), generator=gen).tolist() for _ in range(args.micro_batch)]
-            b = collate([Sample(r, r) for r in rows], pad_id=0)
-            if fast:  # staged on the GPU before the step: the schedule's .to(device) is then a no-op
-                b = Batch(b.tokens.to(dev), b.labels.to(dev), b.position_ids.to(dev), None, b.lengths)
-            batches.append(b)
-        return batches
+        def step_batches() -> tuple[list, float, float]:
+            """(this rank's micro-batches, model FLOPs per GPU, tokens per GPU) of one step."""
+            batches = []
+            for _ in range(args.grad_accum):
+                rows = [torch.randint(0, vocab, (args.seq_len,), generator=gen).tolist() for _ in range(args.micro_batch)]
+                b = collate([Sample(r, r) for r in rows], pad_id=0)
+                if fast:  # staged on the GPU before the step: the schedule's .to(device) is then a no-op
+                    b = Batch(b.tokens.to(dev), b.labels.to(dev), b.position_ids.to(dev), None, b.lengths)
+                batches.append(b)
+            return batches, text_flops, global_tokens * args.seq_len / layout.world_size
 
-    # Every data-parallel rank runs grad_accum micro-batches; model FLOPs per GPU divide the
-    # global batch's FLOPs by the world size (as engine/metrics.py does).
-    per_step = bundle.step_flops([args.seq_len] * (args.micro_batch * args.grad_accum * layout.dp)) / layout.world_size
-    times, losses = [], []
+    times, losses, flops, tokens = [], [], [], []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     snapshot = None
     for step in range(args.warmup + args.steps):
-        batches = step_batches()
+        batches, step_flops, step_tokens = step_batches()
         sync()
         record = args.memory_snapshot and step == 1 and torch.cuda.is_available()
         if record:  # the second step: Adam's states exist, as in every later step
@@ -248,6 +322,8 @@ def run_megatune(args) -> dict:
             snapshot = transient_at_peak(torch.cuda.memory._snapshot())
             torch.cuda.memory._record_memory_history(enabled=None)
         times.append(time.perf_counter() - start)
+        flops.append(step_flops)
+        tokens.append(step_tokens)
         losses.append(result.loss)
         if step < 2 and torch.cuda.is_available():
             memory[f"step{step + 1}_peak"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
@@ -256,7 +332,7 @@ def run_megatune(args) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        batches_list = [step_batches() for _ in range(2)]
+        batches_list = [step_batches()[0] for _ in range(2)]
         sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
@@ -271,7 +347,7 @@ def run_megatune(args) -> dict:
         import io
         import pstats
 
-        batches = step_batches()
+        batches = step_batches()[0]
         sync()
         pr = cProfile.Profile()
         pr.enable()
@@ -286,8 +362,7 @@ def run_megatune(args) -> dict:
         print(cprof, file=sys.stderr)
     timed = times[args.warmup:]
     step_s = sum(timed) / len(timed)
-    tokens = args.micro_batch * args.grad_accum * args.seq_len * layout.dp / layout.world_size
-    tflops = per_step / step_s / 1e12
+    tflops = sum(flops[args.warmup:]) / sum(timed) / 1e12
     peak = peak_memory_gb()
     if layout.world_size > 1:  # the largest rank's peak
         import torch.distributed as dist
@@ -299,6 +374,7 @@ def run_megatune(args) -> dict:
         "run": f"megatune {args.path}",
         "layout": {k: getattr(layout, k) for k in ("world_size", "tp", "pp", "ep", "dp")},
         "overrides": args.overrides,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "CUDA_DEVICE_MAX"))},
         "shape": args.shape,
         "seq_len": args.seq_len,
         "micro_batch": args.micro_batch,
@@ -307,23 +383,35 @@ def run_megatune(args) -> dict:
         "step_s": step_s,
         "step_s_min": min(timed),
         "step_s_max": max(timed),
-        "tokens_per_s_per_gpu": tokens / step_s,
+        "tokens_per_s_per_gpu": sum(tokens[args.warmup:]) / sum(timed),
         "tflops_per_gpu": tflops,
         "mfu": tflops / PEAK_TFLOPS,
         "peak_mem_gb": peak,
         "memory_gb": memory,
         "memory_snapshot": snapshot,
         "losses": [round(x, 5) for x in losses],
-        "flop_formula": FLOP_FORMULA,
+        "flop_formula": FLOP_FORMULA + (VL_FLOPS if vl else ""),
         "profile": prof_out,
         "cprofile": cprof,
     }
 
 
 def run_hf(args, precision: str) -> dict:
-    cmd = [sys.executable, str(HERE / "hf_train_baseline.py"), "--model_dir", args.model_dir, "--seq_len",
-           str(args.seq_len), "--micro_batch", str(args.micro_batch), "--grad_accum", str(args.grad_accum),
-           "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup), "--precision", precision]
+    if VL_SHAPE.match(args.shape):  # transformers' Qwen2-VL on megatune's batches of the same config
+        import tempfile
+
+        import yaml
+
+        values = {"model_name_or_path": args.model_dir, "per_device_train_batch_size": args.micro_batch,
+                  "gradient_accumulation_steps": args.grad_accum, **vl_overrides(args)}
+        config_file = Path(tempfile.mkdtemp()) / "vl_baseline.yaml"
+        config_file.write_text(yaml.safe_dump(values))
+        cmd = [sys.executable, str(HERE / "hf_vl_train_baseline.py"), str(config_file), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--precision", precision]
+    else:
+        cmd = [sys.executable, str(HERE / "hf_train_baseline.py"), "--model_dir", args.model_dir, "--seq_len",
+               str(args.seq_len), "--micro_batch", str(args.micro_batch), "--grad_accum", str(args.grad_accum),
+               "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup), "--precision", precision]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = [x for x in out.stdout.splitlines() if x.startswith("{")]
     if out.returncode != 0 or not line:
@@ -340,7 +428,7 @@ def run_hf(args, precision: str) -> dict:
         "tflops_per_gpu": row["tflops_per_gpu"],
         "mfu": row["tflops_per_gpu"] / PEAK_TFLOPS,
         "peak_mem_gb": row["peak_mem_gb"],
-        "flop_formula": FLOP_FORMULA,
+        "flop_formula": FLOP_FORMULA + (VL_FLOPS if VL_SHAPE.match(args.shape) else ""),
     }
 
 
@@ -366,6 +454,7 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=[], help="paths to profile (2 extra steps)")
     parser.add_argument("--cprofile", nargs="*", default=[], help="paths to run one step under cProfile")
     parser.add_argument("--ce_chunk", type=int, default=2048)
+    parser.add_argument("--image_size", type=int, default=512, help="vision-language shapes: the square image's side (pixels)")
     parser.add_argument("--no_fused_adam", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--memory_snapshot", action="store_true",
@@ -386,7 +475,7 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             emit(row, None)
         return
-    ensure_model(args.shape, args.model_dir)
+    ensure_model(args.shape, args.model_dir, args.image_size)
     for precision in ("amp", "bf16"):
         if "hf" in args.baseline or f"hf_{precision}" in args.baseline:
             emit(run_hf(args, precision), args.out)

@@ -116,24 +116,31 @@ def fwd_bwd(layer, x, padding_mask):
 
 @pytest.mark.parametrize(
     "dispatcher_type, ours",
-    [("alltoall", "local"), ("allgather", "local"), ("alltoall", "sync_free_alltoall")],
+    [("alltoall", "local"), ("allgather", "local"), ("alltoall", "sync_free_alltoall"),
+     ("allgather", "sync_free_allgather")],
 )
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped_experts", "sequential_mlp"])
 def test_moe_layer_with_sync_free_dispatch_equals_megatron_dispatcher(groups, dispatcher_type, ours, grouped):
-    """`local`: the dispatcher the layer installs on one rank. `sync_free_alltoall`: the one it
-    installs under expert parallelism (Megatron's all-to-all stages around our permute), run
-    here on one rank, where its all-to-all and chunk re-sort are the identity."""
+    """`local`: the dispatcher the layer installs on one rank. `sync_free_alltoall` /
+    `sync_free_allgather`: the ones it installs under expert parallelism (Megatron's
+    communication stages around our permute), run here on one rank, where the communication
+    and the chunk re-sort are the identity."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
-    from megatune.layers.local_dispatch import LocalTokenDispatcher, SyncFreeAlltoAllDispatcher
+    from megatune.layers.local_dispatch import (
+        LocalTokenDispatcher,
+        SyncFreeAllGatherDispatcher,
+        SyncFreeAlltoAllDispatcher,
+    )
 
     layer = moe_layer(dispatcher_type, grouped=grouped)
     assert type(layer.token_dispatcher) is LocalTokenDispatcher
     args = (layer.num_local_experts, layer.local_expert_indices)
     kwargs = dict(config=layer.config, pg_collection=get_default_pg_collection())
-    if ours == "sync_free_alltoall":
-        layer.token_dispatcher = SyncFreeAlltoAllDispatcher(*args, **kwargs)
+    if ours != "local":
+        cls = SyncFreeAlltoAllDispatcher if ours == "sync_free_alltoall" else SyncFreeAllGatherDispatcher
+        layer.token_dispatcher = cls(*args, **kwargs)
     megatron_cls = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
     reference = megatron_cls(*args, **kwargs)
     s, b = 6, 2
@@ -162,12 +169,13 @@ def test_token_dropping_keeps_megatron_dispatcher(groups):
 @pytest.mark.parametrize("dispatcher_type", ["alltoall", "allgather"])
 def test_dispatcher_choice_by_expert_layout(groups, ep, etp, dispatcher_type):
     """One rank with every expert: the local dispatcher. Experts spread over ranks (expert
-    parallelism or expert tensor parallelism): Megatron's all-to-all keeps its communication with
-    our permute, Megatron's all-gather dispatcher stays as it is. Token dropping: Megatron's."""
+    parallelism or expert tensor parallelism): Megatron's all-to-all / all-gather keeps its
+    communication with our permute. Token dropping: Megatron's."""
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
     from megatune.layers.local_dispatch import (
         LocalTokenDispatcher,
+        SyncFreeAllGatherDispatcher,
         SyncFreeAlltoAllDispatcher,
         dispatch_description,
         sync_free_dispatcher_for,
@@ -176,7 +184,7 @@ def test_dispatcher_choice_by_expert_layout(groups, ep, etp, dispatcher_type):
     config = moe_layer(dispatcher_type).config
     megatron = MoEAlltoAllTokenDispatcher if dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
     want = (LocalTokenDispatcher if (ep, etp) == (1, 1)
-            else SyncFreeAlltoAllDispatcher if dispatcher_type == "alltoall" else None)
+            else SyncFreeAlltoAllDispatcher if dispatcher_type == "alltoall" else SyncFreeAllGatherDispatcher)
     assert sync_free_dispatcher_for(config, megatron, ep, etp) is want
     dropping = moe_layer(dispatcher_type, capacity=1.0).config
     assert sync_free_dispatcher_for(dropping, megatron, ep, etp) is None
@@ -184,7 +192,9 @@ def test_dispatcher_choice_by_expert_layout(groups, ep, etp, dispatcher_type):
     text = dispatch_description(config)
     assert ("local permutation" in text) == (want is LocalTokenDispatcher)
     assert ("all-to-all with megatune's" in text) == (want is SyncFreeAlltoAllDispatcher)
-    assert (text == f"Megatron's {dispatcher_type} dispatcher") == (want is None)
+    assert ("all-gather with megatune's" in text) == (want is SyncFreeAllGatherDispatcher)
+    config.moe_expert_capacity_factor = 1.0
+    assert dispatch_description(config) == f"Megatron's {dispatcher_type} dispatcher"
 
 
 def test_permute_dropless_refuses_a_routing_map_without_topk_routes_per_token():
@@ -198,3 +208,59 @@ def test_permute_dropless_refuses_a_routing_map_without_topk_routes_per_token():
     assert routing_map.sum() == 5 * TOPK
     with pytest.raises(RuntimeError, match="a token's routes != top-k"):
         permute_dropless(x, routing_map, probs, TOPK)
+
+
+@pytest.mark.parametrize("block", [(0, 3), (2, 5), (5, 8), (3, 4)], ids=lambda b: f"experts{b[0]}-{b[1] - 1}")
+def test_all_gather_dispatch_of_a_block_of_experts_equals_megatron(groups, block):
+    """Under expert parallelism a rank holds a block of experts and sees every gathered token,
+    some routed to none of its experts. On one rank (the all-gather and the reduce-scatter are
+    the identity) the dispatcher of a block is compared stage by stage with Megatron's: the
+    permuted tokens, counts and probs (bit-equal), the un-permuted [N, h] partial sums and the
+    gradients of both back to the tokens and probs (fp32 summation order)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    from megatune.layers.local_dispatch import SyncFreeAllGatherDispatcher
+
+    config = moe_layer("allgather").config
+    experts = list(range(*block))
+    x, routing_map, probs = routing(23, seed=block[0] + 10 * block[1])
+    out_grad = torch.randn(23, HIDDEN, generator=torch.Generator().manual_seed(5))
+
+    def run(cls):
+        d = cls(len(experts), experts, config=config, pg_collection=get_default_pg_collection())
+        leaf_x, leaf_p = x.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+        h, p = d.dispatch_preprocess(leaf_x.view(23, 1, HIDDEN), routing_map, leaf_p)
+        h, p = d.token_dispatch(h, p)
+        permuted, counts, permuted_probs = d.dispatch_postprocess(h, p)
+        expert_out = permuted * permuted_probs.unsqueeze(1)  # what the experts do with probs, in small
+        out = d.combine_postprocess(d.token_combine(d.combine_preprocess(expert_out)))
+        (out.view(23, HIDDEN) * out_grad).sum().backward()
+        return permuted.detach(), counts.cpu(), permuted_probs.detach(), out.detach(), leaf_x.grad, leaf_p.grad
+
+    got, want = run(SyncFreeAllGatherDispatcher), run(MoEAllGatherTokenDispatcher)
+    assert got[0].shape[0] == int(routing_map[:, block[0]:block[1]].sum())  # only this block's routes
+    for i in range(3):
+        assert torch.equal(got[i], want[i])
+    for i in range(3, 6):
+        torch.testing.assert_close(got[i], want[i], rtol=1e-6, atol=1e-6)
+    routed_elsewhere = ~routing_map[:, block[0]:block[1]].any(1)
+    assert routed_elsewhere.any() and (got[3].view(23, HIDDEN)[routed_elsewhere] == 0).all()
+
+
+def test_masked_gather_sum_and_its_backward():
+    """An index equal to the row count is an empty slot: it adds nothing forward and receives
+    no gradient; with no rows at all every output row is zero."""
+    from megatune.layers.local_dispatch import _GatherSum
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    source = torch.tensor([[0], [2], [2]])  # row r of x came from token source[r]
+    rows = torch.tensor([[0, 3], [3, 3], [1, 2]])  # token i's rows of x (3: empty)
+    out = _GatherSum.apply(x, rows, source, True, False)
+    assert torch.equal(out, torch.stack([x[0], torch.zeros(4, dtype=torch.float64), x[1] + x[2]]).detach())
+    torch.autograd.gradcheck(lambda t: _GatherSum.apply(t, rows, source, True, False), (x,))
+    tokens = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: _GatherSum.apply(t, source, rows, False, True), (tokens,))
+    empty = torch.zeros(0, 4, requires_grad=True)
+    none = _GatherSum.apply(empty, torch.full((2, 2), 0), torch.zeros(0, 1, dtype=torch.long), True, False)
+    assert none.shape == (2, 4) and not none.any()

@@ -32,9 +32,10 @@ EXPERTS = {  # flags, and what the run says computes the experts
 ALLTOALL = ["--moe_token_dispatcher_type", "alltoall"]
 DISPATCH = {  # layout -> what the run says permutes its tokens (layers/local_dispatch.py)
     "ep1": "MoE token dispatch: megatune's sync-free local permutation",
-    "ep2": "MoE token dispatch: Megatron's allgather dispatcher",
+    "ep2": "MoE token dispatch: Megatron's all-gather with megatune's gather permute/un-permute",
     "ep2_alltoall": "MoE token dispatch: Megatron's all-to-all with megatune's sync-free permute/un-permute",
-    "tp2_sp": "MoE token dispatch: Megatron's allgather dispatcher",  # expert TP = TP = 2
+    # expert TP = TP = 2: tokens all-gathered over TP, every expert's shard on each rank
+    "tp2_sp": "MoE token dispatch: Megatron's all-gather with megatune's gather permute/un-permute",
     "pp2": "MoE token dispatch: megatune's sync-free local permutation",
 }
 LAYOUTS = {
@@ -161,6 +162,8 @@ AUX_LAYOUTS = {
     "ep2_recompute": dict(nproc_per_node=2, expert_model_parallel_size=2, recompute_granularity="full",
                           recompute_method="uniform", recompute_num_layers=1),
     "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True),
+    # the all-gather dispatcher: each rank's block of experts sees tokens routed to none of them
+    "ep2_allgather": dict(nproc_per_node=2, expert_model_parallel_size=2, moe_token_dispatcher_type="allgather"),
     # the second stage slices the padding mask for sequence parallelism itself (engine/step.py)
     "tp2_sp_pp2": dict(nproc_per_node=4, tensor_model_parallel_size=2, sequence_parallel=True,
                        pipeline_model_parallel_size=2),

@@ -17,10 +17,13 @@ top-k copies. With both maps every direction is a plain row gather: `_GatherSum`
 and sums each token's top-k copies (fp32 accumulation, one rounding), and its backward is the
 same gather through the other map. No atomics, deterministic, no host sync.
 
-Two dispatchers use it:
+Three dispatchers use it:
 - `SyncFreeAlltoAllDispatcher`: Megatron's all-to-all dispatcher with only the permute and the
   un-permute replaced; with expert parallelism it keeps the one host sync the all-to-all needs
   (its split sizes).
+- `SyncFreeAllGatherDispatcher`: Megatron's all-gather dispatcher with the same replacement; one
+  host copy per layer (where this rank's experts' rows start and how many there are), queued so
+  that the GPU keeps working while the host waits for it.
 - `LocalTokenDispatcher`: when one rank holds every expert (EP = expert TP = 1: one GPU, or
   pure data parallelism) it also drops the all-to-all's bookkeeping: the host copy of the
   per-expert counts (the `before_permutation_2` sync) and the chunk re-sort, which is the
@@ -36,6 +39,7 @@ On the Qwen3-30B-A3B shape (128 experts, top-8) the syncs left a third of the st
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import (
@@ -51,9 +55,21 @@ def _gather_sum_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(index.shape[0], index.shape[1], *x.shape[1:]).sum(1)  # fp32 accumulation in bf16
 
 
-def _gather_sum(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _masked_gather_sum_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] == 0:  # every slot is empty (no token was routed to this rank's experts)
+        return x.new_zeros(index.shape[0], *x.shape[1:])
+    valid = index < x.shape[0]  # index == x.shape[0]: an empty slot, adds nothing
+    rows = x.index_select(0, index.clamp(max=x.shape[0] - 1).reshape(-1))
+    rows = rows.view(index.shape[0], index.shape[1], *x.shape[1:])
+    return torch.where(valid.view(*valid.shape, *[1] * (x.dim() - 1)), rows, 0).sum(1)
+
+
+def _gather_sum(x: torch.Tensor, index: torch.Tensor, masked: bool = False) -> torch.Tensor:
     """out[i] = sum_j x[index[i, j]]: x [M, h], index [N, k] int64 -> [N, h] (k = 1: a row gather).
+    With `masked`, an index equal to M names an empty slot that adds nothing (x has no row M).
     On CUDA the gather and the sum are one compiled kernel (the [N, k, h] rows are never written)."""
+    if masked:
+        return (compiled_for_cuda(_masked_gather_sum_formula) if x.is_cuda else _masked_gather_sum_formula)(x, index)
     if index.shape[1] == 1:
         return x.index_select(0, index.reshape(-1))
     return (compiled_for_cuda(_gather_sum_formula) if x.is_cuda else _gather_sum_formula)(x, index)
@@ -65,17 +81,19 @@ class _GatherSum(torch.autograd.Function):
     Valid when `index` [N, k] and `inverse` [M, k'] are inverse maps between x's M rows and the
     N x k output slots, each row used once: row r = index[i, j] exactly when inverse[r] names
     slot (i, j) and k' = 1, or the roles swapped. Then the gradient of a sum of copies is a gather,
-    and the gradient of a gather is a sum of copies."""
+    and the gradient of a gather is a sum of copies. The k > 1 side may hold empty slots (an index
+    equal to the row count of the tensor it reads: `forward_masked` / `backward_masked`)."""
 
     @staticmethod
-    def forward(ctx, x, index, inverse):
+    def forward(ctx, x, index, inverse, forward_masked=False, backward_masked=False):
         ctx.save_for_backward(inverse)
-        return _gather_sum(x, index)
+        ctx.backward_masked = backward_masked
+        return _gather_sum(x, index, forward_masked)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return _gather_sum(grad.contiguous(), inverse), None, None
+        return _gather_sum(grad.contiguous(), inverse, ctx.backward_masked), None, None, None, None
 
 
 def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor, topk: int):
@@ -93,6 +111,16 @@ def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: tor
     off otherwise. A routing map that broke it would fail an asynchronous device assertion (a
     RuntimeError at the next sync), never pass silently.
     """
+    flat, source, rows, counts = _dropless_routes(routing_map, topk)
+    permuted_probs = probs.t().reshape(-1).index_select(0, flat)
+    permuted = _GatherSum.apply(tokens, source.unsqueeze(1), rows)
+    return permuted, permuted_probs, source, rows, counts
+
+
+def _dropless_routes(routing_map: torch.Tensor, topk: int):
+    """The index maps of `permute_dropless` for a [T, E] routing map with `topk` routes per token:
+    (flat [T*topk]: expert * T + token of each permuted row, source [T*topk]: its token,
+    rows [T, topk]: each token's permuted rows in ascending expert order, counts [E] int64)."""
     num_tokens = routing_map.shape[0]
     counts = routing_map.sum(dim=0)
     # Every token needs exactly top-k routes (not only the total): `rows` is [T, topk].
@@ -106,10 +134,7 @@ def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: tor
     token_major_rank = routing_map.reshape(-1).cumsum(0)  # [T*E], inclusive
     rank = token_major_rank.index_select(0, source * routing_map.shape[1] + flat // num_tokens) - 1
     rows = torch.empty_like(rank).scatter_(0, rank, torch.arange(rank.numel(), device=rank.device))
-    rows = rows.view(num_tokens, topk)
-    permuted_probs = probs.t().reshape(-1).index_select(0, flat)
-    permuted = _GatherSum.apply(tokens, source.unsqueeze(1), rows)
-    return permuted, permuted_probs, source, rows, counts
+    return flat, source, rows.view(num_tokens, topk), counts
 
 
 def unpermute_dropless(permuted: torch.Tensor, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -138,7 +163,8 @@ def sync_free_dispatcher_for(config, megatron_dispatcher: type, ep_size: int, et
     `megatron_dispatcher` class for a layer with these expert-parallel / expert-tensor-parallel
     sizes, or None to keep Megatron's. `LocalTokenDispatcher` when one rank holds every expert
     whole (it groups tokens as both Megatron's all-to-all and all-gather dispatchers do);
-    `SyncFreeAlltoAllDispatcher` for the all-to-all otherwise; neither unless routing is
+    `SyncFreeAlltoAllDispatcher` / `SyncFreeAllGatherDispatcher` for Megatron's all-to-all /
+    all-gather dispatcher otherwise; none unless routing is
     drop-less with a fixed top-k and nothing hooks into the dispatcher's stages."""
     if not _drop_less_without_hooks(config):
         return None
@@ -147,6 +173,8 @@ def sync_free_dispatcher_for(config, megatron_dispatcher: type, ep_size: int, et
         return LocalTokenDispatcher
     if issubclass(megatron_dispatcher, MoEAlltoAllTokenDispatcher):
         return SyncFreeAlltoAllDispatcher
+    if issubclass(megatron_dispatcher, MoEAllGatherTokenDispatcher):
+        return SyncFreeAllGatherDispatcher
     return None
 
 
@@ -163,6 +191,8 @@ def dispatch_description(config) -> str:
         return "megatune's sync-free local permutation (every expert on each rank; layers/local_dispatch.py)"
     if ours is SyncFreeAlltoAllDispatcher:
         return "Megatron's all-to-all with megatune's sync-free permute/un-permute (layers/local_dispatch.py)"
+    if ours is SyncFreeAllGatherDispatcher:
+        return "Megatron's all-gather with megatune's gather permute/un-permute (layers/local_dispatch.py)"
     return f"Megatron's {kind} dispatcher"
 
 
@@ -219,6 +249,71 @@ class LocalTokenDispatcher(SyncFreeAlltoAllDispatcher):
 
     def token_combine(self, hidden_states, async_finish=True, allocate_on_comm_stream=True):
         return hidden_states
+
+
+class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
+    """Megatron's all-gather dispatcher (tokens, routing map and probs all-gathered over the
+    tensor x expert parallel group; expert outputs reduce-scattered back) with row gathers in
+    place of its permute and un-permute.
+
+    Megatron's version copies the local experts' token counts to the host and then runs
+    `permute` (two more host syncs in `masked_select`) and a scatter_add un-permute. Here the
+    gathered routing map [N, E] (N = T x TP x EP tokens, exactly top-k routes each) goes through
+    `_dropless_routes` for all E experts; this rank's experts' routes are then one contiguous block
+    [start, start + n) of the expert-major order. The two bounds are the only host copy (one per
+    layer and micro-batch, as Megatron's all-to-all needs for its split sizes): it is queued right
+    after the routing map's all-gather, so the GPU runs the hidden states' all-gather while the
+    host waits for it. A token's rows outside the block are empty slots of the un-permute's
+    gather-sum.
+
+    Against the all-to-all dispatcher this moves each token once per rank (all-gather of [T, h],
+    reduce-scatter of [N, h]) instead of top-k copies of it, and needs no chunk re-sort."""
+
+    def token_dispatch(self, hidden_states, probs):
+        """All-gathers the routing map, queues the host copy of this rank's block bounds, then
+        all-gathers probs [T, E] -> [N, E] and hidden states [T, h] -> [N, h]."""
+        if self.tp_size > 1 or self.ep_size > 1:
+            with torch.no_grad():
+                self.routing_map = gather_from_sequence_parallel_region(self.routing_map, group=self.tp_ep_group)
+        self.routes = _dropless_routes(self.routing_map, self.router_topk)
+        counts = self.routes[3]
+        first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
+        bounds = torch.stack([counts[:first].sum(), counts[first:last].sum()])
+        if bounds.is_cuda:  # an asynchronous copy the host waits for in dispatch_postprocess
+            self.bounds = torch.empty(2, dtype=bounds.dtype, pin_memory=True).copy_(bounds, non_blocking=True)
+            self.bounds_ready = torch.cuda.Event()
+            self.bounds_ready.record()
+        else:
+            self.bounds, self.bounds_ready = bounds, None
+        if self.tp_size > 1 or self.ep_size > 1:
+            probs = gather_from_sequence_parallel_region(probs, group=self.tp_ep_group)
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_ep_group,
+                                                                 use_global_buffer=True)
+        return hidden_states, probs
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        """[N, h] gathered tokens -> ([n, h] this rank's routes grouped by local expert, tokens
+        per local expert [E_local] on the device, their probs [n])."""
+        self.hidden_shape_before_permute = hidden_states.shape
+        if self.bounds_ready is not None:
+            self.bounds_ready.synchronize()
+        start, n = self.bounds.tolist()
+        flat, source, rows, counts = self.routes
+        self.routes = self.bounds = self.bounds_ready = self.routing_map = None
+        self.local_source = source[start:start + n].unsqueeze(1)  # [n, 1]
+        # each token's rows inside the block, relative to it; n (an empty slot) for the others
+        self.local_rows = torch.where((rows >= start) & (rows < start + n), rows - start, n)  # [N, top-k]
+        self.local_probs = probs.t().reshape(-1).index_select(0, flat[start:start + n])
+        permuted = _GatherSum.apply(hidden_states, self.local_source, self.local_rows, False, True)
+        first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
+        return permuted, counts[first:last], self.local_probs
+
+    def combine_preprocess(self, hidden_states):
+        """[n, h] expert outputs -> [N, h]: each gathered token's sum over this rank's experts
+        (zero for a token routed elsewhere), for Megatron's reduce-scatter."""
+        output = _GatherSum.apply(hidden_states, self.local_rows, self.local_source, True, False)
+        self.local_rows = self.local_source = None
+        return output
 
 
 class MoELayerWithSyncFreeDispatch(MoELayer):
