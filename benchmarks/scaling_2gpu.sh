@@ -8,7 +8,7 @@
 #        and EP=2 with each token dispatcher (micro-batch 4 x 2 per rank; EP runs profiled), and
 #        transformers bf16 at micro-batch 4 on 1 GPU
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR overlap -- Qwen3-1.7B DP=2, micro-batch 2 x 4: the overlap
-#        options off, on, and on with NCCL limited to NCTAS thread blocks (SMs) per collective
+#        options off, on, and on with NCCL limited to NCTAS (default 8) thread blocks per collective
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR vl      -- 1 GPU: Qwen2-VL-7B shape with 8 decoder layers,
 #        transformers amp and bf16 vs megatune on the same multimodal batches
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR memory  -- 1 GPU: which allocations make the MoE peak
@@ -42,9 +42,7 @@ case $what in
     b="$t --shape qwen3-1.7b --steps 4 --warmup 3 --micro_batch 2 --grad_accum 4 --gpus 2"
     $b
     $b --set $overlap
-    ctas=${NCTAS:-8 2}
-    for n in $ctas; do NCCL_MAX_CTAS=$n $b --set $overlap; done
-    NCCL_MAX_CTAS=${ctas%% *} $b --set overlap_grad_reduce=true
+    for n in ${NCTAS:-8}; do NCCL_MAX_CTAS=$n $b --set $overlap; done
     ;;
   vl)
     CUDA_VISIBLE_DEVICES=0 $t --shape qwen2-vl-7b-8l --seq_len 1024 --steps 4 --warmup 2 --micro_batch 4 \

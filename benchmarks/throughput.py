@@ -113,8 +113,9 @@ def classify(name: str) -> str:
 
 
 def breakdown(prof, wall_us: float) -> dict:
-    """Kernel time by part (share of summed kernel time) and the share of wall time with no
-    kernel running (union of kernel intervals)."""
+    """Kernel time by part (share of summed kernel time), the share of wall time with no
+    kernel running (union of kernel intervals), and where the GPU idled: gaps of 20 us or more
+    grouped by the kernels that end and start them (total ms, count)."""
     kernels = []
     cpu_self: dict[str, float] = {}
     for evt in prof.events():
@@ -131,14 +132,20 @@ def breakdown(prof, wall_us: float) -> dict:
     for s, e, name in kernels:
         parts[classify(name)] = parts.get(classify(name), 0.0) + (e - s)
         top[name[:160]] = top.get(name[:160], 0.0) + (e - s)
-    busy, end = 0.0, -1.0
-    for s, e, _ in sorted(kernels):
+    busy, end, last = 0.0, -1.0, ""
+    gaps: dict[str, list] = {}  # idle gaps >= 20 us, by the kernels either side: [ms, count]
+    for s, e, name in sorted(kernels):
         if s > end:
+            if end >= 0 and s - end >= 20:
+                key = f"{last[:70]} -> {name[:70]}"
+                gaps.setdefault(key, [0.0, 0])
+                gaps[key][0] += (s - end) / 1e3
+                gaps[key][1] += 1
             busy += e - s
-            end = e
+            end, last = e, name
         elif e > end:
             busy += e - end
-            end = e
+            end, last = e, name
     return {
         "kernel_ms": total / 1e3,
         "wall_ms": wall_us / 1e3,
@@ -146,6 +153,7 @@ def breakdown(prof, wall_us: float) -> dict:
         "parts": {k: round(v / total, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
         "top_kernels_ms": {k: round(v / 1e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]},
         "top_cpu_self_ms": {k: round(v / 1e3, 2) for k, v in sorted(cpu_self.items(), key=lambda kv: -kv[1])[:30]},
+        "idle_gaps_ms_count": {k: [round(v[0], 2), v[1]] for k, v in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:15]},
     }
 
 

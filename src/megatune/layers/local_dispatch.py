@@ -56,12 +56,11 @@ def _gather_sum_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_gather_sum_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] == 0:  # every slot is empty (no token was routed to this rank's experts)
-        return x.new_zeros(index.shape[0], *x.shape[1:])
-    valid = index < x.shape[0]  # index == x.shape[0]: an empty slot, adds nothing
-    rows = x.index_select(0, index.clamp(max=x.shape[0] - 1).reshape(-1))
-    rows = rows.view(index.shape[0], index.shape[1], *x.shape[1:])
-    return torch.where(valid.view(*valid.shape, *[1] * (x.dim() - 1)), rows, 0).sum(1)
+    # Row M of the padded x is the zero row that empty slots (index == M) read. Compiled, the pad
+    # becomes a predicated load inside the gather: empty slots cost no memory traffic and the
+    # padded copy of x is never written.
+    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, 1))
+    return _gather_sum_formula(padded, index)
 
 
 def _gather_sum(x: torch.Tensor, index: torch.Tensor, masked: bool = False) -> torch.Tensor:
