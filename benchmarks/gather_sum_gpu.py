@@ -1,19 +1,18 @@
-"""Time of the MoE un-permute's gather-sum (layers/local_dispatch.py) on one GPU, Qwen3-30B-A3B's
-layer (hidden 2048, top-8) at micro-batch 4 x 4096 tokens per rank:
+"""Time of the MoE un-permute's gather-sum (layers/gather_sum.py) on one GPU, Qwen3-30B-A3B's
+layer (hidden 2048, top-8) at micro-batch 4 x 4096 tokens per rank, in two cases:
 
 - `local`: one rank holds every expert (N = T tokens, every slot filled);
-- `all-gather EP=2, pad`: megatune's masked gather-sum for one rank's half of the experts after
-  the all-gather (N = 2T tokens, about half the slots empty), compiled with the zero row as a pad;
-- `all-gather EP=2, where`: the same with the empty slots zeroed by `torch.where` after an
-  unpredicated load (the first version), for comparison;
-- `embedding_bag`: torch's `F.embedding_bag(mode="sum")` over the same index (empty slots: weight 0);
-- `triton`: a 20-line Triton kernel (one program per token and 1024 columns, predicated 16-byte
-  loads, fp32 sum), here only as the bandwidth a dedicated kernel reaches.
+- `all-gather EP=2`: one rank's half of the experts after the all-gather (N = 2T tokens, about
+  half the slots empty).
+
+Each case runs megatune's `gather_sum` (the Triton kernel) and the alternatives it replaced or
+was weighed against: torch.compile of the formula (with the zero row as a pad, and with
+`torch.where` after an unpredicated load), and torch's `F.embedding_bag(mode="sum")`.
 
     python benchmarks/gather_sum_gpu.py
 
-Prints one JSON line per case: milliseconds per call (median of 20 after 5 warm-up calls) and the
-bytes a perfect kernel would move (filled slots read + outputs written) per millisecond.
+Prints one JSON line per variant: milliseconds per call (median of 20 after 5 warm-up calls) and
+the bytes a perfect kernel would move (filled slots read + outputs written) per millisecond.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ import json
 import torch
 
 from megatune.layers.fused import compiled_for_cuda
-from megatune.layers.local_dispatch import _dropless_routes, _gather_sum
+from megatune.layers.gather_sum import _gather_sum_formula, gather_sum
+from megatune.layers.local_dispatch import _dropless_routes
 
 
 def _where_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -36,32 +36,6 @@ def _embedding_bag(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     valid = index < y.shape[0]
     return torch.nn.functional.embedding_bag(index.clamp(max=y.shape[0] - 1), y, mode="sum",
                                              per_sample_weights=valid.to(y.dtype))
-
-
-_KERNEL = []
-
-
-def _triton_gather_sum(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    import triton
-    import triton.language as tl
-
-    if not _KERNEL:
-        @triton.jit
-        def kernel(y_ptr, index_ptr, out_ptr, rows, hidden, K: tl.constexpr, BLOCK: tl.constexpr):
-            token = tl.program_id(0).to(tl.int64)
-            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-            in_row = cols < hidden
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for j in tl.static_range(K):
-                row = tl.load(index_ptr + token * K + j)
-                acc += tl.load(y_ptr + row * hidden + cols, mask=in_row & (row < rows), other=0.0).to(tl.float32)
-            tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
-
-        _KERNEL.append(kernel)
-    out = y.new_empty(index.shape[0], y.shape[1])
-    _KERNEL[0][(index.shape[0], triton.cdiv(y.shape[1], 1024))](y, index, out, y.shape[0], y.shape[1],
-                                                                K=index.shape[1], BLOCK=1024, num_warps=4)
-    return out
 
 
 def timed(fn, *args) -> float:
@@ -90,11 +64,12 @@ def main() -> None:
         local_rows = torch.where(rows < n, rows, n)  # this rank holds the first E / ranks experts
         y = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
         ideal_bytes = (n + n_tokens) * hidden * 2
-        variants = {"": lambda: _gather_sum(y, local_rows, masked=ranks > 1)}
-        if ranks > 1:
-            variants = {", pad": variants[""], ", where": lambda: compiled_for_cuda(_where_formula)(y, local_rows)}
-        variants[", embedding_bag"] = lambda: _embedding_bag(y, local_rows)
-        variants[", triton"] = lambda: _triton_gather_sum(y, local_rows)
+        variants = {
+            ", megatune (Triton)": lambda: gather_sum(y, local_rows),
+            ", compiled pad formula": lambda: compiled_for_cuda(_gather_sum_formula)(y, local_rows),
+            ", compiled where formula": lambda: compiled_for_cuda(_where_formula)(y, local_rows),
+            ", embedding_bag": lambda: _embedding_bag(y, local_rows),
+        }
         want = _where_formula(y, local_rows)  # eager
         for fn in variants.values():
             torch.testing.assert_close(fn(), want)

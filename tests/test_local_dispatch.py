@@ -246,21 +246,3 @@ def test_all_gather_dispatch_of_a_block_of_experts_equals_megatron(groups, block
         torch.testing.assert_close(got[i], want[i], rtol=1e-6, atol=1e-6)
     routed_elsewhere = ~routing_map[:, block[0]:block[1]].any(1)
     assert routed_elsewhere.any() and (got[3].view(23, HIDDEN)[routed_elsewhere] == 0).all()
-
-
-def test_masked_gather_sum_and_its_backward():
-    """An index equal to the row count is an empty slot: it adds nothing forward and receives
-    no gradient; with no rows at all every output row is zero."""
-    from megatune.layers.local_dispatch import _GatherSum
-
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    source = torch.tensor([[0], [2], [2]])  # row r of x came from token source[r]
-    rows = torch.tensor([[0, 3], [3, 3], [1, 2]])  # token i's rows of x (3: empty)
-    out = _GatherSum.apply(x, rows, source, True, False)
-    assert torch.equal(out, torch.stack([x[0], torch.zeros(4, dtype=torch.float64), x[1] + x[2]]).detach())
-    torch.autograd.gradcheck(lambda t: _GatherSum.apply(t, rows, source, True, False), (x,))
-    tokens = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: _GatherSum.apply(t, source, rows, False, True), (tokens,))
-    empty = torch.zeros(0, 4, requires_grad=True)
-    none = _GatherSum.apply(empty, torch.full((2, 2), 0), torch.zeros(0, 1, dtype=torch.long), True, False)
-    assert none.shape == (2, 4) and not none.any()

@@ -14,8 +14,9 @@ more than they need to:
 static drop-less count tokens x top-k) in the same order (expert-major, ascending token index
 within an expert), and also returns the inverse map: for each token, the rows that hold its
 top-k copies. With both maps every direction is a plain row gather: `_GatherSum` gathers rows
-and sums each token's top-k copies (fp32 accumulation, one rounding), and its backward is the
-same gather through the other map. No atomics, deterministic, no host sync.
+and sums each token's top-k copies (fp32 accumulation, one rounding; one Triton kernel on CUDA,
+layers/gather_sum.py), and its backward is the same gather through the other map. No atomics,
+deterministic, no host sync.
 
 Three dispatchers use it:
 - `SyncFreeAlltoAllDispatcher`: Megatron's all-to-all dispatcher with only the permute and the
@@ -47,52 +48,27 @@ from megatron.core.transformer.moe.token_dispatcher import (
     MoEAlltoAllTokenDispatcher,
 )
 
-from megatune.layers.fused import compiled_for_cuda
-
-
-def _gather_sum_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    rows = x.index_select(0, index.reshape(-1))
-    return rows.view(index.shape[0], index.shape[1], *x.shape[1:]).sum(1)  # fp32 accumulation in bf16
-
-
-def _masked_gather_sum_formula(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # Row M of the padded x is the zero row that empty slots (index == M) read. Compiled, the pad
-    # becomes a predicated load inside the gather: empty slots cost no memory traffic and the
-    # padded copy of x is never written.
-    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, 1))
-    return _gather_sum_formula(padded, index)
-
-
-def _gather_sum(x: torch.Tensor, index: torch.Tensor, masked: bool = False) -> torch.Tensor:
-    """out[i] = sum_j x[index[i, j]]: x [M, h], index [N, k] int64 -> [N, h] (k = 1: a row gather).
-    With `masked`, an index equal to M names an empty slot that adds nothing (x has no row M).
-    On CUDA the gather and the sum are one compiled kernel (the [N, k, h] rows are never written)."""
-    if masked:
-        return (compiled_for_cuda(_masked_gather_sum_formula) if x.is_cuda else _masked_gather_sum_formula)(x, index)
-    if index.shape[1] == 1:
-        return x.index_select(0, index.reshape(-1))
-    return (compiled_for_cuda(_gather_sum_formula) if x.is_cuda else _gather_sum_formula)(x, index)
+from megatune.layers.gather_sum import gather_sum
 
 
 class _GatherSum(torch.autograd.Function):
-    """`_gather_sum(x, index)` whose backward is `_gather_sum(grad, inverse)`.
+    """`gather_sum(x, index)` whose backward is `gather_sum(grad, inverse)`.
 
     Valid when `index` [N, k] and `inverse` [M, k'] are inverse maps between x's M rows and the
     N x k output slots, each row used once: row r = index[i, j] exactly when inverse[r] names
     slot (i, j) and k' = 1, or the roles swapped. Then the gradient of a sum of copies is a gather,
     and the gradient of a gather is a sum of copies. The k > 1 side may hold empty slots (an index
-    equal to the row count of the tensor it reads: `forward_masked` / `backward_masked`)."""
+    equal to the row count of the tensor it reads; see layers/gather_sum.py)."""
 
     @staticmethod
-    def forward(ctx, x, index, inverse, forward_masked=False, backward_masked=False):
+    def forward(ctx, x, index, inverse):
         ctx.save_for_backward(inverse)
-        ctx.backward_masked = backward_masked
-        return _gather_sum(x, index, forward_masked)
+        return gather_sum(x, index)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return _gather_sum(grad.contiguous(), inverse, ctx.backward_masked), None, None, None, None
+        return gather_sum(grad.contiguous(), inverse), None, None
 
 
 def permute_dropless(tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor, topk: int):
@@ -303,14 +279,14 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         # each token's rows inside the block, relative to it; n (an empty slot) for the others
         self.local_rows = torch.where((rows >= start) & (rows < start + n), rows - start, n)  # [N, top-k]
         self.local_probs = probs.t().reshape(-1).index_select(0, flat[start:start + n])
-        permuted = _GatherSum.apply(hidden_states, self.local_source, self.local_rows, False, True)
+        permuted = _GatherSum.apply(hidden_states, self.local_source, self.local_rows)
         first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
         return permuted, counts[first:last], self.local_probs
 
     def combine_preprocess(self, hidden_states):
         """[n, h] expert outputs -> [N, h]: each gathered token's sum over this rank's experts
         (zero for a token routed elsewhere), for Megatron's reduce-scatter."""
-        output = _GatherSum.apply(hidden_states, self.local_rows, self.local_source, True, False)
+        output = _GatherSum.apply(hidden_states, self.local_rows, self.local_source)
         self.local_rows = self.local_source = None
         return output
 
