@@ -21,8 +21,8 @@ Paths:
 
 Vision-language shapes (`qwen2-vl-7b`, or `qwen2-vl-7b-8l` for its first 8 decoder layers; the
 vision tower is always whole): benchmarks/vl_shape.py writes the model and a multimodal dataset
-(one `--image_size` square image and a ~600-token answer per row) next to it; every step's
-global batch comes from megatune's data pipeline (stage sft, template qwen2_vl, cutoff_len =
+(one `--image_size` square image and a ~600-token answer per row) in <model_dir>_data<image_size>;
+every step's global batch comes from megatune's data pipeline (stage sft, template qwen2_vl, cutoff_len =
 --seq_len, one row per sequence, no packing), prepared before the timed step, and the baseline
 (benchmarks/hf_vl_train_baseline.py) trains transformers' Qwen2-VL on exactly those batches. FLOPs
 then add the vision tower's (models/qwen2_vl.py's formula) and count real tokens only.
@@ -59,13 +59,13 @@ VL_FLOPS = "; plus the vision tower's matmuls and attention per image (models/qw
 VL_SHAPE = re.compile(r"qwen2-vl-7b(?:-(\d+)l)?$")  # Qwen2-VL-7B, optionally its first N decoder layers
 
 
-def vl_data_dir(model_dir: str) -> str:
-    return model_dir.rstrip("/") + "_data"
+def vl_data_dir(model_dir: str, image_size: int) -> str:
+    return f"{model_dir.rstrip('/')}_data{image_size}"
 
 
 def ensure_model(shape: str, model_dir: str, image_size: int = 512) -> None:
     """Write the random-weight checkpoint of `shape` to `model_dir` (and, for a vision-language
-    shape, its dataset to vl_data_dir(model_dir)) unless they exist."""
+    shape, its dataset to vl_data_dir(model_dir, image_size)) unless they exist."""
     sys.path.insert(0, str(HERE))
     vl = VL_SHAPE.match(shape)
     if vl:
@@ -73,8 +73,8 @@ def ensure_model(shape: str, model_dir: str, image_size: int = 512) -> None:
 
         if not (Path(model_dir) / "config.json").is_file():
             vl_shape.write_model(model_dir, int(vl.group(1) or vl_shape.TEXT["num_hidden_layers"]))
-        if not (Path(vl_data_dir(model_dir)) / "dataset_info.json").is_file():
-            vl_shape.write_data(vl_data_dir(model_dir), rows=64, size=image_size)
+        if not (Path(vl_data_dir(model_dir, image_size)) / "dataset_info.json").is_file():
+            vl_shape.write_data(vl_data_dir(model_dir, image_size), rows=64, size=image_size)
         return
     if (Path(model_dir) / "config.json").is_file():
         return
@@ -190,7 +190,7 @@ def transient_at_peak(snapshot: dict, top: int = 12) -> dict:
 
 def vl_overrides(args) -> dict:
     """The config keys of a vision-language run (megatune's and the transformers baseline's)."""
-    return {"stage": "sft", "dataset": "vl_bench", "dataset_dir": vl_data_dir(args.model_dir),
+    return {"stage": "sft", "dataset": "vl_bench", "dataset_dir": vl_data_dir(args.model_dir, args.image_size),
             "template": "qwen2_vl", "cutoff_len": args.seq_len}
 
 

@@ -28,8 +28,41 @@ def test_vl_benchmark_runs_megatune_and_transformers_on_the_same_batches(tmp_pat
     assert "error" not in hf and "error" not in ours, (hf.get("error"), ours.get("error"))
     # tokens per step (real tokens, no padding) agree: both consumed the same global batches
     assert ours["tokens_per_s_per_gpu"] * ours["step_s"] == pytest.approx(hf["tokens_per_s_per_gpu"] * hf["step_s"])
-    # and counted the same model FLOPs per step for them (decoder + vision tower)
-    assert ours["tflops_per_gpu"] * ours["step_s"] == pytest.approx(hf["tflops_per_gpu"] * hf["step_s"])
+    # and counted the same model FLOPs per step for them
+    flops = ours["tflops_per_gpu"] * ours["step_s"] * 1e12
+    assert flops == pytest.approx(hf["tflops_per_gpu"] * hf["step_s"] * 1e12)
+    # which are the provider's decoder + vision-tower FLOPs of the timed (second and third) global
+    # batches, recomputed here from the same data pipeline
+    with_images, text_only = timed_step_flops(model, tmp_path / "vl_data56", steps=(1, 2))
+    assert flops == pytest.approx(with_images) and with_images > text_only
     assert "vision tower" in ours["flop_formula"]
     assert all(loss == loss and 0 < loss < 20 for loss in ours["losses"])
-    assert (tmp_path / "vl_data" / "dataset_info.json").is_file()
+
+
+def timed_step_flops(model: str, data_dir, steps: tuple[int, ...]) -> tuple[float, float]:
+    """Mean model FLOPs of the given global batches of the benchmark's config (with the images'
+    vision-tower FLOPs, and without them)."""
+    from transformers import AutoTokenizer
+
+    from megatune.config import derive_layout, load_config
+    from megatune.data.source import build_train_source
+    from megatune.models import get_provider
+    from megatune.models.build import load_hf_config
+    from megatune.stages import get_stage
+
+    config = load_config(None, {"model_name_or_path": model, "stage": "sft", "dataset": "vl_bench",
+                                "dataset_dir": str(data_dir), "template": "qwen2_vl", "cutoff_len": 1024,
+                                "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    get_stage(config).prepare_tokenizer(config, tokenizer)
+    source = build_train_source(config, tokenizer, derive_layout(config, 1).global_batch_size)[0]
+    _, hf = load_hf_config(model)
+    provider = get_provider(hf)
+    batches = [source.next_global_batch() for _ in range(max(steps) + 1)]
+    with_images = text_only = 0.0
+    for step in steps:
+        doc_lens = [n for sample in batches[step] for n in sample.doc_lens]
+        grids = [g for sample in batches[step] for g in sample.image_grid_thw]
+        with_images += provider.step_flops(hf, doc_lens, grids) / len(steps)
+        text_only += provider.step_flops(hf, doc_lens, []) / len(steps)
+    return with_images, text_only

@@ -43,9 +43,11 @@ def test_one_slot_is_a_row_gather_and_no_rows_give_zeros():
     assert torch.equal(gather_sum(empty, torch.zeros(3, 2, dtype=torch.long)), torch.zeros(3, 4))
 
 
-def test_gather_sum_refuses_an_index_past_the_empty_slot():
+def test_gather_sum_refuses_an_index_past_the_empty_slot_or_not_int64():
     with pytest.raises(IndexError):
         gather_sum(torch.randn(3, 2), torch.tensor([[0, 4]]))
+    with pytest.raises(TypeError, match="int64"):
+        gather_sum(torch.randn(3, 2), torch.tensor([[0, 1]], dtype=torch.int32))
 
 
 def test_gather_sum_through_autograd_in_both_directions():
@@ -63,17 +65,19 @@ def test_gather_sum_through_autograd_in_both_directions():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("row_len, slots, empty_share", [(2048, 8, 0.0), (2048, 8, 0.5), (3000, 2, 0.3), (32, 8, 1.0)])
-def test_triton_kernel_equals_the_formula(dtype, row_len, slots, empty_share):
+@pytest.mark.parametrize("row_shape, slots, empty_share", [((2048,), 8, 0.0), ((2048,), 8, 0.5), ((3000,), 2, 0.3),
+                                                           ((2047,), 8, 0.5), ((4, 3, 5), 3, 0.2), ((32,), 8, 1.0)])
+def test_triton_kernel_equals_the_formula(dtype, row_shape, slots, empty_share):
     from megatune.layers.gather_sum import _triton_kernel
 
     assert _triton_kernel() is not None
-    x = torch.randn(999, row_len, device="cuda", dtype=dtype)
-    index = random_index(1234, slots, 999, empty_share, seed=row_len + slots).cuda()
+    x = torch.randn(999, *row_shape[:-1], 2 * row_shape[-1], device="cuda", dtype=dtype)[..., ::2]  # strided
+    index = random_index(1234, slots, 999, empty_share, seed=sum(row_shape) + slots).cuda()
+    index = index.t().contiguous().t()  # column-major
     got, want = gather_sum(x, index), _gather_sum_formula(x.double(), index)
     # one rounding of the fp32 sum to `dtype` (bf16: 2^-8 relative); fp32 sums in another order
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double(), want, **tol)
-    assert got.dtype == dtype and got.shape == (1234, row_len)
+    assert got.dtype == dtype and got.shape == (1234, *row_shape)
     assert torch.equal(gather_sum(x[:0], index.clamp(max=0)), torch.zeros_like(got))  # no rows: all empty
-    assert gather_sum(x, index[:0]).shape == (0, row_len)
+    assert gather_sum(x, index[:0]).shape == (0, *row_shape)

@@ -210,22 +210,34 @@ def test_permute_dropless_refuses_a_routing_map_without_topk_routes_per_token():
         permute_dropless(x, routing_map, probs, TOPK)
 
 
-@pytest.mark.parametrize("block", [(0, 3), (2, 5), (5, 8), (3, 4)], ids=lambda b: f"experts{b[0]}-{b[1] - 1}")
-def test_all_gather_dispatch_of_a_block_of_experts_equals_megatron(groups, block):
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("block, starved", [((0, 3), False), ((2, 5), False), ((5, 8), False), ((3, 4), False),
+                                            ((6, 8), True)], ids=["experts0-2", "experts2-4", "experts5-7",
+                                                                  "expert3", "experts6-7-get-no-token"])
+def test_all_gather_dispatch_of_a_block_of_experts_equals_megatron(groups, block, starved, topk):
     """Under expert parallelism a rank holds a block of experts and sees every gathered token,
-    some routed to none of its experts. On one rank (the all-gather and the reduce-scatter are
-    the identity) the dispatcher of a block is compared stage by stage with Megatron's: the
-    permuted tokens, counts and probs (bit-equal), the un-permuted [N, h] partial sums and the
-    gradients of both back to the tokens and probs (fp32 summation order)."""
+    some routed to none of its experts (with `starved`, every token). On one rank (the all-gather
+    and the reduce-scatter are the identity) the dispatcher of a block is compared stage by stage
+    with Megatron's: the permuted tokens, counts and probs (bit-equal), the un-permuted [N, h]
+    partial sums and the gradients of both back to the tokens and probs (fp32 summation order).
+    Top-1 routing gives one slot per token, most of them empty."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
     from megatune.layers.local_dispatch import SyncFreeAllGatherDispatcher
 
     config = moe_layer("allgather").config
+    config.moe_router_topk = topk
     experts = list(range(*block))
-    x, routing_map, probs = routing(23, seed=block[0] + 10 * block[1])
-    out_grad = torch.randn(23, HIDDEN, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(block[0] + 10 * block[1] + 100 * topk)
+    logits = torch.randn(23, EXPERTS, generator=g)
+    if starved:
+        logits[:, block[0]:block[1]] = -float("inf")
+    top_probs, top = torch.topk(torch.softmax(logits, -1), topk, dim=-1)
+    routing_map = torch.zeros(23, EXPERTS, dtype=torch.bool).scatter_(1, top, True).to(DEVICE)
+    probs = torch.zeros(23, EXPERTS).scatter_(1, top, top_probs).to(DEVICE)
+    x = torch.randn(23, HIDDEN, generator=g).to(DEVICE)
+    out_grad = torch.randn(23, HIDDEN, generator=torch.Generator().manual_seed(5)).to(DEVICE)
 
     def run(cls):
         d = cls(len(experts), experts, config=config, pg_collection=get_default_pg_collection())
@@ -246,3 +258,4 @@ def test_all_gather_dispatch_of_a_block_of_experts_equals_megatron(groups, block
         torch.testing.assert_close(got[i], want[i], rtol=1e-6, atol=1e-6)
     routed_elsewhere = ~routing_map[:, block[0]:block[1]].any(1)
     assert routed_elsewhere.any() and (got[3].view(23, HIDDEN)[routed_elsewhere] == 0).all()
+    assert routed_elsewhere.all() == starved

@@ -162,8 +162,10 @@ AUX_LAYOUTS = {
     "ep2_recompute": dict(nproc_per_node=2, expert_model_parallel_size=2, recompute_granularity="full",
                           recompute_method="uniform", recompute_num_layers=1),
     "tp2_sp": dict(nproc_per_node=2, tensor_model_parallel_size=2, sequence_parallel=True),
-    # the all-gather dispatcher: each rank's block of experts sees tokens routed to none of them
-    "ep2_allgather": dict(nproc_per_node=2, expert_model_parallel_size=2, moe_token_dispatcher_type="allgather"),
+    # the all-gather dispatcher: each rank's block of experts sees tokens routed to none of them;
+    # with full recompute its forward runs twice per micro-batch
+    "ep2_allgather_recompute": dict(nproc_per_node=2, expert_model_parallel_size=2, moe_token_dispatcher_type="allgather",
+                                    recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     # the second stage slices the padding mask for sequence parallelism itself (engine/step.py)
     "tp2_sp_pp2": dict(nproc_per_node=4, tensor_model_parallel_size=2, sequence_parallel=True,
                        pipeline_model_parallel_size=2),

@@ -7,9 +7,9 @@ only a block of the experts, so a token has between 0 and k of its routed copies
 
 On CUDA it is one Triton kernel: one program per output row and 1024 columns, k predicated
 16-byte row loads (empty slots issue no memory traffic), an fp32 sum and one rounding. torch's
-compiled formula reached 0.77 TB/s on the un-permute of Qwen3-30B-A3B's layer (16,384 tokens,
-top-8, hidden 2048, bf16) and 0.48 TB/s with half the slots empty; the kernel 3.6 and 3.4 TB/s
-(1 x H200, benchmarks/gather_sum_gpu.py; docs/train.md). No kernel library offers it without
+compiled formula reached 0.88 TB/s on the un-permute of Qwen3-30B-A3B's layer (16,384 tokens,
+top-8, hidden 2048, bf16) and 0.46 TB/s with half the slots empty; the kernel 3.6 and 3.2 TB/s
+(1 x H200, benchmarks/gather_sum_gpu.py; docs/train.md, session 7, call 4). No kernel library offers it without
 Transformer Engine, whose fused permute we cannot install. Elsewhere (CPU, float64, or no
 Triton) the formula runs eagerly, with the same fp32 accumulation.
 """
@@ -30,7 +30,11 @@ def gather_sum(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     x: [M, *row] any float dtype; index: [N, k] int64 on x's device, entries in [0, M] (k = 1:
     every entry < M, a plain row gather). Returns [N, *row] in x's dtype; sums of half-precision
-    rows accumulate in fp32 and round once. Raises IndexError (CPU) for an entry above M."""
+    rows accumulate in fp32 and round once. No autograd of its own on CUDA: `_GatherSum`
+    (layers/local_dispatch.py) supplies the backward. Raises TypeError for a non-int64 index and,
+    on CPU, IndexError for an entry above M (on CUDA such a slot counts as empty)."""
+    if index.dtype != torch.int64:
+        raise TypeError(f"gather_sum: index must be int64 (row offsets can pass 2^31), got {index.dtype}")
     num_slots = index.shape[1]
     if num_slots == 1:
         return x.index_select(0, index.reshape(-1))
@@ -56,8 +60,9 @@ def _gather_sum_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return out.zero_()
     block = min(_MAX_BLOCK, triton.next_power_of_2(row_len))
     grid = (index.shape[0], triton.cdiv(row_len, block))
-    _triton_kernel()[grid](x.contiguous(), index.contiguous(), out, num_rows, row_len, K=index.shape[1],
-                           BLOCK=block, num_warps=4)
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        _triton_kernel()[grid](x.contiguous(), index.contiguous(), out, num_rows, row_len, K=index.shape[1],
+                               BLOCK=block, num_warps=4)
     return out
 
 

@@ -278,6 +278,8 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         self.local_source = source[start:start + n].unsqueeze(1)  # [n, 1]
         # each token's rows inside the block, relative to it; n (an empty slot) for the others
         self.local_rows = torch.where((rows >= start) & (rows < start + n), rows - start, n)  # [N, top-k]
+        if self.local_rows.shape[1] == 1:  # gather_sum reads one slot as a plain gather: no empty slots
+            self.local_rows = torch.nn.functional.pad(self.local_rows, (0, 1), value=n)
         self.local_probs = probs.t().reshape(-1).index_select(0, flat[start:start + n])
         permuted = _GatherSum.apply(hidden_states, self.local_source, self.local_rows)
         first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
