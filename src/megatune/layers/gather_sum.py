@@ -9,9 +9,9 @@ On CUDA it is one Triton kernel: one program per output row and 1024 columns, k 
 16-byte row loads (empty slots issue no memory traffic), an fp32 sum and one rounding. torch's
 compiled formula reached 0.88 TB/s on the un-permute of Qwen3-30B-A3B's layer (16,384 tokens,
 top-8, hidden 2048, bf16) and 0.46 TB/s with half the slots empty; the kernel 3.6 and 3.2 TB/s
-(1 x H200, benchmarks/gather_sum_gpu.py; docs/train.md, session 7, call 4). No kernel library offers it without
-Transformer Engine, whose fused permute we cannot install. Elsewhere (CPU, float64, or no
-Triton) the formula runs eagerly, with the same fp32 accumulation.
+(1 x H200, benchmarks/gather_sum_gpu.py; docs/train.md, session 7, call 4). No kernel library
+offers it without Transformer Engine, whose fused permute we cannot install. Elsewhere (CPU,
+float64, or no Triton) the formula runs eagerly, with the same fp32 accumulation.
 """
 
 from __future__ import annotations

@@ -253,7 +253,8 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         self.routes = _dropless_routes(self.routing_map, self.router_topk)
         counts = self.routes[3]
         first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
-        bounds = torch.stack([counts[:first].sum(), counts[first:last].sum()])
+        self.local_counts = counts[first:last]  # tokens per local expert, on the device
+        bounds = torch.stack([counts[:first].sum(), self.local_counts.sum()])
         if bounds.is_cuda:  # an asynchronous copy the host waits for in dispatch_postprocess
             self.bounds = torch.empty(2, dtype=bounds.dtype, pin_memory=True).copy_(bounds, non_blocking=True)
             self.bounds_ready = torch.cuda.Event()
@@ -273,8 +274,9 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         if self.bounds_ready is not None:
             self.bounds_ready.synchronize()
         start, n = self.bounds.tolist()
-        flat, source, rows, counts = self.routes
-        self.routes = self.bounds = self.bounds_ready = self.routing_map = None
+        flat, source, rows, _ = self.routes
+        local_counts = self.local_counts
+        self.routes = self.local_counts = self.bounds = self.bounds_ready = self.routing_map = None
         self.local_source = source[start:start + n].unsqueeze(1)  # [n, 1]
         # each token's rows inside the block, relative to it; n (an empty slot) for the others
         self.local_rows = torch.where((rows >= start) & (rows < start + n), rows - start, n)  # [N, top-k]
@@ -282,8 +284,7 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
             self.local_rows = torch.nn.functional.pad(self.local_rows, (0, 1), value=n)
         self.local_probs = probs.t().reshape(-1).index_select(0, flat[start:start + n])
         permuted = _GatherSum.apply(hidden_states, self.local_source, self.local_rows)
-        first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
-        return permuted, counts[first:last], self.local_probs
+        return permuted, local_counts, self.local_probs
 
     def combine_preprocess(self, hidden_states):
         """[n, h] expert outputs -> [N, h]: each gathered token's sum over this rank's experts
