@@ -259,3 +259,81 @@ def test_all_gather_dispatch_of_a_block_of_experts_equals_megatron(groups, block
     routed_elsewhere = ~routing_map[:, block[0]:block[1]].any(1)
     assert routed_elsewhere.any() and (got[3].view(23, HIDDEN)[routed_elsewhere] == 0).all()
     assert routed_elsewhere.all() == starved
+
+
+def _partial_sums(rank: int) -> torch.Tensor:
+    """[8, 64] bf16 partial sums of one rank, built so the pair sums probe every rounding case:
+    exponents 2^-40..2^40 apart, exact cancellation, and ties at bf16's half-ulp."""
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(8, 64, generator=g) * torch.exp2(torch.randint(-40, 41, (8, 64), generator=g).float())
+    if rank == 0:
+        x[0, :3] = torch.tensor([1.0, 1.0 + 2 ** -7, 3.0])
+    else:
+        x[0, :3] = torch.tensor([2 ** -8, 2 ** -8, -3.0])  # ties to even, and a sum of exactly 0
+    return x.to(torch.bfloat16)
+
+
+def _combine_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    from megatune.layers.local_dispatch import SyncFreeAllGatherDispatcher
+
+    if torch.cuda.is_available():  # NCCL's own bf16 addition, one GPU per rank
+        torch.cuda.set_device(rank)
+        backend, device = "nccl", f"cuda:{rank}"
+    else:
+        from megatune.compat.cpu import enable_cpu_compat
+
+        enable_cpu_compat()  # Megatron's reduce-scatter allocates on torch.cuda.current_device()
+        backend, device = "gloo", "cpu"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from megatron.core.tensor_parallel import mappings
+
+    reduce_scatter, link_dtypes = mappings.dist_reduce_scatter_func, []
+
+    def recording_reduce_scatter(output, input_, group=None):
+        link_dtypes.append(input_.dtype)
+        return reduce_scatter(output, input_, group=group)
+
+    mappings.dist_reduce_scatter_func = recording_reduce_scatter
+    try:
+        out = {}
+        for cls in (SyncFreeAllGatherDispatcher, MoEAllGatherTokenDispatcher):
+            d = cls.__new__(cls)  # token_combine reads only these attributes of a built dispatcher
+            d.tp_size, d.ep_size, d.tp_ep_group = 1, 2, dist.group.WORLD
+            d.local_probs = torch.zeros(1)  # Megatron's router probs are fp32: its reduce-scatter dtype
+            partials = _partial_sums(rank).to(device).requires_grad_(True)
+            combined = d.token_combine(partials)
+            combined.backward(torch.randn(combined.shape, generator=torch.Generator().manual_seed(9 + rank))
+                              .to(device, torch.bfloat16))
+            out[cls.__name__] = (combined.detach().cpu(), partials.grad.cpu(), link_dtypes.pop())
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_bf16_reduce_scatter_gives_megatrons_fp32_bits():
+    """`SyncFreeAllGatherDispatcher.token_combine` reduce-scatters bf16 partial sums in bf16 over
+    two ranks (half the bytes); Megatron's casts them to fp32 first. The outputs and the input
+    gradients must be bit-equal, across exponent gaps, cancellation and rounding ties. gloo on
+    CPU; NCCL where two GPUs are visible."""
+    import torch.multiprocessing as mp
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("two ranks need two GPUs here (Megatron allocates the result on the current GPU)")
+
+    from megatune.distributed import free_port
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_combine_worker, args=(free_port(), results), nprocs=2)
+        got = dict(results)
+    want_sum = (_partial_sums(0).float() + _partial_sums(1).float()).to(torch.bfloat16)
+    for rank in (0, 1):
+        ours, megatron = got[rank]["SyncFreeAllGatherDispatcher"], got[rank]["MoEAllGatherTokenDispatcher"]
+        assert ours[0].dtype == torch.bfloat16 and ours[0].shape == (4, 64)
+        assert torch.equal(ours[0], megatron[0]) and torch.equal(ours[1], megatron[1])
+        assert (ours[2], megatron[2]) == (torch.bfloat16, torch.float32)  # what crossed the link
+        assert torch.equal(ours[0], want_sum[4 * rank:4 * rank + 4])
+    assert got[0]["SyncFreeAllGatherDispatcher"][0][0, :3].tolist() == [1.0, 1.0 + 2 ** -6, 0.0]

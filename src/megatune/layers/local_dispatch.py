@@ -40,7 +40,10 @@ On the Qwen3-30B-A3B shape (128 experts, top-8) the syncs left a third of the st
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import (
@@ -246,7 +249,9 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
 
     def token_dispatch(self, hidden_states, probs):
         """All-gathers the routing map, queues the host copy of this rank's block bounds, then
-        all-gathers probs [T, E] -> [N, E] and hidden states [T, h] -> [N, h]."""
+        all-gathers probs [T, E] -> [N, E] and hidden states [T, h] -> [N, h], and queues the
+        index work that needs only the bounds on the device, so the GPU has it while the host
+        waits for their copy."""
         if self.tp_size > 1 or self.ep_size > 1:
             with torch.no_grad():
                 self.routing_map = gather_from_sequence_parallel_region(self.routing_map, group=self.tp_ep_group)
@@ -254,7 +259,8 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         counts = self.routes[3]
         first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
         self.local_counts = counts[first:last]  # tokens per local expert, on the device
-        bounds = torch.stack([counts[:first].sum(), self.local_counts.sum()])
+        start, n = counts[:first].sum(), self.local_counts.sum()  # 0-dim, on the device
+        bounds = torch.stack([start, n])
         if bounds.is_cuda:  # an asynchronous copy the host waits for in dispatch_postprocess
             self.bounds = torch.empty(2, dtype=bounds.dtype, pin_memory=True).copy_(bounds, non_blocking=True)
             self.bounds_ready = torch.cuda.Event()
@@ -265,33 +271,53 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
             probs = gather_from_sequence_parallel_region(probs, group=self.tp_ep_group)
             hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_ep_group,
                                                                  use_global_buffer=True)
-        return hidden_states, probs
+        rows = self.routes[2]
+        # each token's rows inside the block, relative to it; n (an empty slot) for the others
+        local_rows = torch.where((rows >= start) & (rows < start + n), rows - start, n)  # [N, top-k]
+        if local_rows.shape[1] == 1:  # gather_sum reads one slot as a plain gather: no empty slots
+            local_rows = torch.cat([local_rows, n.expand(local_rows.shape[0], 1)], dim=1)
+        self.local_rows = local_rows
+        return hidden_states, probs.t().reshape(-1)  # probs expert-major [E * N], as routes' flat index
 
     def dispatch_postprocess(self, hidden_states, probs):
-        """[N, h] gathered tokens -> ([n, h] this rank's routes grouped by local expert, tokens
-        per local expert [E_local] on the device, their probs [n])."""
+        """[N, h] gathered tokens and their expert-major probs [E * N] -> ([n, h] this rank's
+        routes grouped by local expert, tokens per local expert [E_local] on the device, their
+        probs [n])."""
         self.hidden_shape_before_permute = hidden_states.shape
         if self.bounds_ready is not None:
             self.bounds_ready.synchronize()
         start, n = self.bounds.tolist()
-        flat, source, rows, _ = self.routes
+        flat, source, _, _ = self.routes
         local_counts = self.local_counts
         self.routes = self.local_counts = self.bounds = self.bounds_ready = self.routing_map = None
         self.local_source = source[start:start + n].unsqueeze(1)  # [n, 1]
-        # each token's rows inside the block, relative to it; n (an empty slot) for the others
-        self.local_rows = torch.where((rows >= start) & (rows < start + n), rows - start, n)  # [N, top-k]
-        if self.local_rows.shape[1] == 1:  # gather_sum reads one slot as a plain gather: no empty slots
-            self.local_rows = torch.nn.functional.pad(self.local_rows, (0, 1), value=n)
-        self.local_probs = probs.t().reshape(-1).index_select(0, flat[start:start + n])
+        self.local_probs = probs.index_select(0, flat[start:start + n])
         permuted = _GatherSum.apply(hidden_states, self.local_source, self.local_rows)
         return permuted, local_counts, self.local_probs
 
     def combine_preprocess(self, hidden_states):
         """[n, h] expert outputs -> [N, h]: each gathered token's sum over this rank's experts
-        (zero for a token routed elsewhere), for Megatron's reduce-scatter."""
+        (zero for a token routed elsewhere), for the reduce-scatter."""
         output = _GatherSum.apply(hidden_states, self.local_rows, self.local_source)
         self.local_rows = self.local_source = None
         return output
+
+    def token_combine(self, hidden_states):
+        """[N, h] partial sums -> [T, h]: Megatron's reduce-scatter over the TP x EP group.
+
+        Megatron reduces in the probs' dtype (fp32): bf16 partials are cast up, summed and cast
+        back. Over two ranks that is one addition of two bf16 numbers, rounded to fp32 and then
+        to bf16, and a bf16 reduce-scatter (one addition of the pair, rounded once) gives the
+        same bits with half the bytes on the link. The fp32 sum of two bf16 numbers (8
+        significant bits each) is exact when their exponents differ by at most 15; otherwise the
+        smaller is under 1/64 of the larger's half-ulp in bf16, so both round to the larger. The
+        backward all-gathers bf16 gradients either way. Over more ranks a ring's partial sums
+        would round in bf16, so Megatron's fp32 reduce-scatter runs there (and for fp16/fp32).
+        """
+        two_ranks = (self.tp_size > 1 or self.ep_size > 1) and self.tp_ep_group.size() == 2
+        if two_ranks and hidden_states.dtype == torch.bfloat16:
+            return reduce_scatter_to_sequence_parallel_region(hidden_states, group=self.tp_ep_group)
+        return super().token_combine(hidden_states)
 
 
 class MoELayerWithSyncFreeDispatch(MoELayer):
