@@ -112,9 +112,38 @@ def classify(name: str) -> str:
     return "other elementwise"
 
 
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end) intervals as sorted, disjoint intervals."""
+    out: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def exposed(comm: list[tuple[float, float]], compute: list[tuple[float, float]]) -> float:
+    """Length of the time covered by `comm` intervals and by no `compute` interval (the
+    communication nothing hides), in the intervals' unit."""
+    comm, compute = merged(comm), merged(compute)
+    total, j = 0.0, 0
+    for s, e in comm:
+        covered = 0.0
+        while j < len(compute) and compute[j][1] <= s:
+            j += 1
+        k = j
+        while k < len(compute) and compute[k][0] < e:
+            covered += min(e, compute[k][1]) - max(s, compute[k][0])
+            k += 1
+        total += (e - s) - covered
+    return total
+
+
 def breakdown(prof, wall_us: float) -> dict:
-    """Kernel time by part (share of summed kernel time), the share of wall time with no
-    kernel running (union of kernel intervals), and where the GPU idled: gaps of 20 us or more
+    """Kernel time by part (share of summed kernel time, and ms), the share of wall time with no
+    kernel running (union of kernel intervals), the communication kernels' time with no other
+    kernel running beside them (exposed, ms), and where the GPU idled: gaps of 20 us or more
     grouped by the kernels that end and start them (total ms, count)."""
     kernels = []
     cpu_self: dict[str, float] = {}
@@ -146,9 +175,14 @@ def breakdown(prof, wall_us: float) -> dict:
         elif e > end:
             busy += e - end
             end, last = e, name
+    is_comm = [classify(name) == "comms" for _, _, name in kernels]
+    comm_exposed = exposed([(s, e) for (s, e, _), c in zip(kernels, is_comm) if c],
+                           [(s, e) for (s, e, _), c in zip(kernels, is_comm) if not c])
     return {
         "kernel_ms": total / 1e3,
         "wall_ms": wall_us / 1e3,
+        "comms_exposed_ms": round(comm_exposed / 1e3, 2),
+        "parts_ms": {k: round(v / 1e3, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
         "idle_share_of_wall": max(0.0, 1 - busy / wall_us) if wall_us else None,
         "parts": {k: round(v / total, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
         "top_kernels_ms": {k: round(v / 1e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]},

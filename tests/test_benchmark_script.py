@@ -66,3 +66,16 @@ def timed_step_flops(model: str, data_dir, steps: tuple[int, ...]) -> tuple[floa
         with_images += provider.step_flops(hf, doc_lens, grids) / len(steps)
         text_only += provider.step_flops(hf, doc_lens, []) / len(steps)
     return with_images, text_only
+
+
+def test_profile_exposed_communication_is_the_part_no_other_kernel_covers():
+    """The profile's `comms_exposed_ms`: communication time with no compute kernel beside it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from throughput import exposed, merged
+
+    assert merged([(5, 7), (0, 2), (1, 3), (7, 8)]) == [(0, 3), (5, 8)]
+    compute = [(0, 10), (12, 14), (13, 20)]
+    assert exposed([(8, 13)], compute) == 2  # 10..12 uncovered
+    assert exposed([(8, 13), (9, 11), (25, 30)], compute) == 2 + 5
+    assert exposed([(2, 4)], compute) == 0
+    assert exposed([(0, 5)], []) == 5
