@@ -8,8 +8,7 @@
 #        and EP=2 with each token dispatcher (micro-batch 4 x 2 per rank; EP runs profiled), and
 #        transformers bf16 at micro-batch 4 on 1 GPU
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR overlap -- Qwen3-1.7B, micro-batch 2 x 4: 1 GPU, then DP=2
-#        with the overlap options off and on (both profiled), overlap_grad_reduce alone, and both
-#        with 10M-parameter buckets
+#        with the overlap options off and on (both profiled), and overlap_grad_reduce alone
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR vl      -- 1 GPU: Qwen2-VL-7B shape with 8 decoder layers,
 #        transformers amp and bf16 vs megatune on the same multimodal batches
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR memory  -- 1 GPU: which allocations make the MoE peak
@@ -45,7 +44,6 @@ case $what in
     $b --gpus 2 --profile fast
     $b --gpus 2 --set $overlap --profile fast
     $b --gpus 2 --set overlap_grad_reduce=true
-    $b --gpus 2 --set $overlap ddp_bucket_size=10000000
     ;;
   vl)
     CUDA_VISIBLE_DEVICES=0 $t --shape qwen2-vl-7b-8l --seq_len 1024 --steps 4 --warmup 2 --micro_batch 4 \

@@ -171,3 +171,63 @@ def test_grads_finite_checks_every_element(where, value, poisoned):
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def test_param_gather_pre_hooks_run_for_a_steps_first_micro_batch_only():
+    """`FirstMicroBatchParamGather` on a real Megatron DDP chunk with `overlap_param_gather`
+    (one rank, three buckets): the first micro-batch's forward goes through DDP's pre-hooks
+    (which wait for each bucket's parameter all-gather); the second finds every bucket gathered,
+    a bucket the first forward never reached included, and runs no hook; `restore` brings the
+    hooks back, so the next step gathers lazily again and `synced_params` still works."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from megatune.config import Config, validate
+    from megatune.distributed import init_distributed, shutdown
+    from megatune.engine.optim import FirstMicroBatchParamGather
+
+    init_distributed(validate(Config(), 1), seed=1)
+    try:
+        tc = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, calculate_per_token_loss=True)
+        used = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        module = torch.nn.ModuleDict(dict(used=used, unused=torch.nn.Linear(8, 8)))
+        module.forward = lambda x: used(x)  # the "unused" layer's bucket is never reached by a forward
+        config = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_param_gather=True,
+                                               overlap_grad_reduce=True, bucket_size=72)
+        chunk = DistributedDataParallel(config=tc, ddp_config=config, module=module)
+        groups = chunk.bucket_groups + chunk.expert_parallel_bucket_groups
+        assert len(groups) == 3
+        unused = [g for g in groups if any(p is module["unused"].weight for b in g.buckets for p in b.params_list)]
+        waits = []
+        for group in groups:
+            group.finish_param_sync = (lambda original: lambda **kw: (waits.append(1), original(**kw))[1])(
+                group.finish_param_sync)
+        hooked = len(chunk.remove_forward_pre_hook_handles)
+        assert hooked == len(list(chunk.module.modules()))
+        x = torch.randn(2, 8)
+
+        for step in range(2):
+            chunk.zero_grad_buffer()  # a new step: every bucket's parameters are to be gathered again
+            assert not any(g.param_gather_dispatched for g in groups)
+            gather = FirstMicroBatchParamGather([chunk])
+            gather.before_forward(chunk)
+            first = chunk(x)
+            assert len(waits) > 0 and len(chunk.remove_forward_pre_hook_handles) == hooked
+            assert unused[0].param_gather_handle is not None  # dispatched by the chain, never waited for
+            waits.clear()
+            gather.before_forward(chunk)  # micro-batch 2: every bucket finished, then no hooks
+            assert all(g.param_gather_dispatched and g.param_gather_handle is None for g in groups)
+            assert len(waits) == 3 and len(chunk.remove_forward_pre_hook_handles) == 0
+            waits.clear()
+            second = chunk(x)
+            gather.before_forward(chunk)  # micro-batch 3
+            assert waits == [] and torch.equal(first, second)
+            gather.restore()
+            assert len(chunk.remove_forward_pre_hook_handles) == hooked
+            # the step's backward and gradient reduce-scatter (every bucket needs its grads here)
+            (second.sum() + 0 * module["unused"](x).sum()).backward()
+            chunk.finish_grad_sync()
+        chunk.disable_forward_pre_hook(param_sync=True)  # what synced_params does before a save
+        chunk.enable_forward_pre_hook()
+    finally:
+        shutdown()
