@@ -215,11 +215,11 @@ def test_loss_and_grad_norm_match_transformers_and_lr0_keeps_weights(train_runs,
 
 
 def test_overlapped_param_gather_trains_like_the_plain_data_parallel_step(train_runs):
-    """DP=2 with 3 micro-batches per step and the learning rate on: with the overlap options the
-    updated parameters arrive lazily, gathered in the step's first forward (engine/optim.py's
-    FirstMicroBatchParamGather removes the gather hooks for the other micro-batches). Every
-    step must see the same parameters as without overlap; a stale shard would change the next
-    losses by far more than the bucketed grad norm's summation order does."""
+    """DP=2 with 3 micro-batches per step and the learning rate on: with the overlap options
+    each bucket's gradients are reduce-scattered during the last micro-batch's backward, and the
+    updated parameters arrive lazily, gathered bucket by bucket in DDP's forward pre-hooks of
+    the next step. Every step must see the same parameters as without overlap; a stale shard
+    would change the next losses by far more than the bucketed grad norm's summation order."""
     rows = {name: log_rows(finished(train_runs, f"learning-dp2-{name}")[1]) for name in OVERLAP}
     assert [r["step"] for r in rows["overlap"]] == [1, 2, 3]
     for got, want in zip(rows["overlap"], rows["no-overlap"]):

@@ -48,44 +48,6 @@ def wrap_ddp(chunks: list[torch.nn.Module], tc: TransformerConfig, config: Confi
     ]
 
 
-class FirstMicroBatchParamGather:
-    """With `overlap_param_gather`, keep Megatron DDP's forward pre-hooks for a step's first
-    micro-batch only.
-
-    Megatron gathers each bucket's updated parameters lazily: a forward pre-hook on every
-    submodule waits for its bucket's all-gather and dispatches the next bucket's. It keeps the
-    hooks for every micro-batch, but once a chunk's first forward of the step has run, every
-    gather is done and each hook is a Python call per submodule that finds nothing to do
-    (hundreds per forward). Those calls land on a host the GPU is already waiting for in the
-    short-kernel stretches of a layer, so they cost step time (docs/train.md, "The overlap
-    options"). Call `before_forward(chunk)` from the forward step: on a chunk's second
-    micro-batch it finishes every bucket's gather (a no-op when the first forward reached every
-    parameter; a gather of any parameter the forward skipped otherwise) and removes the hooks,
-    which `restore()` puts back after the step so the next step's gathers overlap again.
-    Chunks without the hooks are left alone."""
-
-    def __init__(self, model: list):
-        self.lazy = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
-        self.seen: set[int] = set()
-        self.removed: list = []
-
-    def before_forward(self, chunk) -> None:
-        if not any(chunk is c for c in self.lazy) or any(chunk is c for c in self.removed):
-            return
-        if id(chunk) not in self.seen:  # the first micro-batch: its forward runs the gathers
-            self.seen.add(id(chunk))
-            return
-        for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
-            group.finish_param_sync(skip_next_bucket_dispatch=True)
-        chunk.disable_forward_pre_hook(param_sync=False)
-        self.removed.append(chunk)
-
-    def restore(self) -> None:
-        for chunk in self.removed:
-            chunk.enable_forward_pre_hook()
-        self.removed.clear()
-
-
 def build_optimizer(model: list[DistributedDataParallel], tc: TransformerConfig, config: Config):
     """Adam(W) through `get_megatron_optimizer`; wires the schedule hooks Megatron's loop expects."""
     t, p = config.training, config.parallel

@@ -21,7 +21,6 @@ from megatron.core.utils import get_model_config
 from megatune.compat.fixes import moe_aux_loss_share
 from megatune.data.collator import Batch, pad_to_length
 from megatune.distributed import device
-from megatune.engine.optim import FirstMicroBatchParamGather
 
 
 @dataclass
@@ -69,24 +68,15 @@ def run_schedule(stage, provider, model: list, batches: list[Batch], forward_onl
     this step's micro-batches and all data-parallel ranks, known on every rank."""
     stage.prepare(provider, batches)
     seq_len = max(b.tokens.shape[1] for b in batches)
-    stage_forward_step, param_gather = stage.forward_step(provider), FirstMicroBatchParamGather(model)
-
-    def forward_step(data_iterator, chunk):
-        param_gather.before_forward(chunk)
-        return stage_forward_step(data_iterator, chunk)
-
-    try:
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
-            model=model if len(model) > 1 else model[0],
-            num_microbatches=len(batches),
-            seq_length=seq_len,
-            micro_batch_size=batches[0].tokens.shape[0],
-            forward_only=forward_only,
-        )
-    finally:
-        param_gather.restore()
+    out = get_forward_backward_func()(
+        forward_step_func=stage.forward_step(provider),
+        data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(batches),
+        seq_length=seq_len,
+        micro_batch_size=batches[0].tokens.shape[0],
+        forward_only=forward_only,
+    )
     totals = torch.zeros(len(stage.sum_names), dtype=torch.float64, device=device())
     for item in out:  # only the last pipeline stage gets outputs
         totals += item["sums"].to(totals)
