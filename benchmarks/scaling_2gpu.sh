@@ -9,6 +9,9 @@
 #        transformers bf16 at micro-batch 4 on 1 GPU
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR overlap -- Qwen3-1.7B, micro-batch 2 x 4: 1 GPU, then DP=2
 #        with the overlap options off and on (both profiled), and overlap_grad_reduce alone
+#   bash benchmarks/scaling_2gpu.sh OUT_DIR overlap-slow -- the same DP=2 runs (off, both, grad reduce
+#        alone) with NCCL kept off NVLink (NCCL_P2P_DISABLE=1: through host shared memory), standing in
+#        for a slower link between hosts
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR vl      -- 1 GPU: Qwen2-VL-7B shape with 8 decoder layers,
 #        transformers amp and bf16 vs megatune on the same multimodal batches
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR memory  -- 1 GPU: which allocations make the MoE peak
@@ -44,6 +47,13 @@ case $what in
     $b --gpus 2 --profile fast
     $b --gpus 2 --set $overlap --profile fast
     $b --gpus 2 --set overlap_grad_reduce=true
+    ;;
+  overlap-slow)
+    b="$t --shape qwen3-1.7b --steps 4 --warmup 3 --micro_batch 2 --grad_accum 4 --gpus 2"
+    export NCCL_P2P_DISABLE=1
+    $b
+    $b --set $overlap
+    $b --set overlap_grad_reduce=true
     ;;
   vl)
     CUDA_VISIBLE_DEVICES=0 $t --shape qwen2-vl-7b-8l --seq_len 1024 --steps 4 --warmup 2 --micro_batch 4 \
