@@ -12,6 +12,8 @@
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR overlap-slow -- the same DP=2 runs (off, both, grad reduce
 #        alone) with NCCL kept off NVLink (NCCL_P2P_DISABLE=1: through host shared memory), standing in
 #        for a slower link between hosts
+#   bash benchmarks/scaling_2gpu.sh OUT_DIR moe-overlap -- Qwen3-30B-A3B shape, 4 layers, micro-batch 4 x 2:
+#        1 GPU, then DP=2 with overlap_grad_reduce alone, with neither option, and with both
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR vl      -- 1 GPU: Qwen2-VL-7B shape with 8 decoder layers,
 #        transformers amp and bf16 vs megatune on the same multimodal batches
 #   bash benchmarks/scaling_2gpu.sh OUT_DIR memory  -- 1 GPU: which allocations make the MoE peak
@@ -47,6 +49,13 @@ case $what in
     $b --gpus 2 --profile fast
     $b --gpus 2 --set $overlap --profile fast
     $b --gpus 2 --set overlap_grad_reduce=true
+    ;;
+  moe-overlap)
+    b="$t --shape qwen3-30b-a3b-4l --steps 4 --warmup 3 --micro_batch 4 --grad_accum 2"
+    CUDA_VISIBLE_DEVICES=0 $b
+    $b --gpus 2 --set overlap_grad_reduce=true
+    $b --gpus 2
+    $b --gpus 2 --set $overlap
     ;;
   overlap-slow)
     b="$t --shape qwen3-1.7b --steps 4 --warmup 3 --micro_batch 2 --grad_accum 4 --gpus 2"
