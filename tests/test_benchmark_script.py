@@ -79,3 +79,5 @@ def test_profile_exposed_communication_is_the_part_no_other_kernel_covers():
     assert exposed([(8, 13), (9, 11), (25, 30)], compute) == 2 + 5
     assert exposed([(2, 4)], compute) == 0
     assert exposed([(0, 5)], []) == 5
+    assert exposed([(1, 2), (3, 4), (11, 13)], [(0, 10), (12, 20)]) == 1  # one compute spans two comms
+    assert merged([(0, 1), (1, 2)]) == [(0, 2)] and exposed([(0, 2)], [(0, 1), (1, 2)]) == 0  # touching

@@ -262,14 +262,16 @@ def test_all_gather_dispatch_of_a_block_of_experts_equals_megatron(groups, block
 
 
 def _partial_sums(rank: int) -> torch.Tensor:
-    """[8, 64] bf16 partial sums of one rank, built so the pair sums probe every rounding case:
-    exponents 2^-40..2^40 apart, exact cancellation, and ties at bf16's half-ulp."""
+    """[8, 64] bf16 partial sums of one rank, built so the pair sums probe rounding: exponents
+    2^-40..2^40 apart, then in row 0 ties at bf16's half-ulp, exact cancellation, signed zeros,
+    subnormals, overflow and an infinity."""
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(8, 64, generator=g) * torch.exp2(torch.randint(-40, 41, (8, 64), generator=g).float())
+    subnormal = 2.0 ** -130  # below bf16's smallest normal (2^-126), exactly representable
     if rank == 0:
-        x[0, :3] = torch.tensor([1.0, 1.0 + 2 ** -7, 3.0])
+        x[0, :8] = torch.tensor([1.0, 1.0 + 2 ** -7, 3.0, -0.0, subnormal, 3.0e38, float("inf"), 2 ** -126])
     else:
-        x[0, :3] = torch.tensor([2 ** -8, 2 ** -8, -3.0])  # ties to even, and a sum of exactly 0
+        x[0, :8] = torch.tensor([2 ** -8, 2 ** -8, -3.0, -0.0, subnormal, 3.0e38, 1.0, -subnormal])
     return x.to(torch.bfloat16)
 
 
@@ -329,11 +331,18 @@ def test_two_rank_bf16_reduce_scatter_gives_megatrons_fp32_bits():
         results = manager.dict()
         mp.spawn(_combine_worker, args=(free_port(), results), nprocs=2)
         got = dict(results)
-    want_sum = (_partial_sums(0).float() + _partial_sums(1).float()).to(torch.bfloat16)
+    def bits(t):  # torch.equal counts -0.0 == 0.0; the bit patterns do not
+        return t.view(torch.int16)
+
+    want_sum = (_partial_sums(0).float() + _partial_sums(1).float()).to(torch.bfloat16)  # the formula
     for rank in (0, 1):
         ours, megatron = got[rank]["SyncFreeAllGatherDispatcher"], got[rank]["MoEAllGatherTokenDispatcher"]
         assert ours[0].dtype == torch.bfloat16 and ours[0].shape == (4, 64)
-        assert torch.equal(ours[0], megatron[0]) and torch.equal(ours[1], megatron[1])
+        assert torch.equal(bits(ours[0]), bits(megatron[0])) and torch.equal(bits(ours[1]), bits(megatron[1]))
         assert (ours[2], megatron[2]) == (torch.bfloat16, torch.float32)  # what crossed the link
-        assert torch.equal(ours[0], want_sum[4 * rank:4 * rank + 4])
-    assert got[0]["SyncFreeAllGatherDispatcher"][0][0, :3].tolist() == [1.0, 1.0 + 2 ** -6, 0.0]
+        assert torch.equal(bits(ours[0]), bits(want_sum[4 * rank:4 * rank + 4]))
+    row = got[0]["SyncFreeAllGatherDispatcher"][0][0, :8]
+    assert row[:3].tolist() == [1.0, 1.0 + 2 ** -6, 0.0] and not row[2].signbit()  # ties to even; x - x = +0
+    assert row[3] == 0 and row[3].signbit()  # -0 + -0 = -0
+    assert row[4].item() == 2.0 ** -129 and row[5].item() == row[6].item() == float("inf")
+    assert row[7].item() == 2.0 ** -126 - 2.0 ** -130  # a subnormal difference, kept exactly

@@ -311,9 +311,9 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         same bits with half the bytes on the link. The fp32 sum of two bf16 numbers (8
         significant bits each) is exact when their exponents differ by at most 15; otherwise the
         smaller is under 1/64 of the larger's half-ulp in bf16, so both round to the larger. The
-        backward all-gathers bf16 gradients either way. Over more ranks a ring's partial sums
-        would round in bf16, so Megatron's fp32 reduce-scatter runs there (and for fp16/fp32).
-        """
+        backward is the same bits too: Megatron all-gathers the bf16 gradients widened to fp32,
+        this all-gathers them in bf16. Over more ranks a ring's partial sums would round in bf16,
+        so Megatron's fp32 reduce-scatter runs there (and for fp16/fp32 activations)."""
         two_ranks = (self.tp_size > 1 or self.ep_size > 1) and self.tp_ep_group.size() == 2
         if two_ranks and hidden_states.dtype == torch.bfloat16:
             return reduce_scatter_to_sequence_parallel_region(hidden_states, group=self.tp_ep_group)
