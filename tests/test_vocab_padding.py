@@ -341,7 +341,7 @@ def test_resume_under_another_vocab_padding_continues_exactly(tmp_path):
     import shutil
 
     from megatune.tiny import make_tiny_model
-    from tests.conftest import run_megatune
+    from tests.multirun import run_batch
     from tests.test_train import BASE, log_rows
 
     model = make_tiny_model("qwen3", str(tmp_path / "m"), seed=3, with_tokenizer=True, vocab_size=ODD_VOCAB)
@@ -349,14 +349,15 @@ def test_resume_under_another_vocab_padding_continues_exactly(tmp_path):
               "lr_scheduler_type": "constant", "tensor_model_parallel_size": 2, "nproc_per_node": 2,
               "output_dir": str(tmp_path / "tp2")}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
-    first = run_megatune("train", str(tmp_path / "run.yaml"))
+    # the runs' workers call megatune's main directly (tests/multirun.py): no launcher to start
+    first = run_batch({"tp2": ["train", str(tmp_path / "run.yaml")]}, 2, tmp_path / "batch2")["tp2"]
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"vocabulary of {ODD_VOCAB} padded to 768 rows" in first.stdout
     (tmp_path / "tp1").mkdir()
     shutil.copytree(tmp_path / "tp2" / "checkpoint-2", tmp_path / "tp1" / "checkpoint-2")
-    resumed = run_megatune("train", str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "tp1"),
-                           "--tensor_model_parallel_size", "1", "--nproc_per_node", "1",
-                           "--resume_from_checkpoint", "auto")
+    resumed = run_batch({"tp1": ["train", str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "tp1"),
+                                 "--tensor_model_parallel_size", "1", "--nproc_per_node", "1",
+                                 "--resume_from_checkpoint", "auto"]}, 1, tmp_path / "batch1")["tp1"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "padded to" not in resumed.stdout
     want = {r["step"]: r for r in log_rows(tmp_path / "tp2")}
