@@ -158,8 +158,9 @@ def breakdown(prof, wall_us: float) -> dict:
     total = sum(e - s for s, e, _ in kernels) or 1.0
     parts: dict[str, float] = {}
     top: dict[str, float] = {}
-    for s, e, name in kernels:
-        parts[classify(name)] = parts.get(classify(name), 0.0) + (e - s)
+    kinds = [classify(name) for _, _, name in kernels]
+    for (s, e, name), kind in zip(kernels, kinds):
+        parts[kind] = parts.get(kind, 0.0) + (e - s)
         top[name[:160]] = top.get(name[:160], 0.0) + (e - s)
     busy, end, last = 0.0, -1.0, ""
     gaps: dict[str, list] = {}  # idle gaps >= 20 us, by the kernels either side: [ms, count]
@@ -175,9 +176,8 @@ def breakdown(prof, wall_us: float) -> dict:
         elif e > end:
             busy += e - end
             end, last = e, name
-    is_comm = [classify(name) == "comms" for _, _, name in kernels]
-    comm_exposed = exposed([(s, e) for (s, e, _), c in zip(kernels, is_comm) if c],
-                           [(s, e) for (s, e, _), c in zip(kernels, is_comm) if not c])
+    comm_exposed = exposed([(s, e) for (s, e, _), kind in zip(kernels, kinds) if kind == "comms"],
+                           [(s, e) for (s, e, _), kind in zip(kernels, kinds) if kind != "comms"])
     return {
         "kernel_ms": total / 1e3,
         "wall_ms": wall_us / 1e3,

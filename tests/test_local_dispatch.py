@@ -331,6 +331,7 @@ def test_two_rank_bf16_reduce_scatter_gives_megatrons_fp32_bits():
         results = manager.dict()
         mp.spawn(_combine_worker, args=(free_port(), results), nprocs=2)
         got = dict(results)
+
     def bits(t):  # torch.equal counts -0.0 == 0.0; the bit patterns do not
         return t.view(torch.int16)
 

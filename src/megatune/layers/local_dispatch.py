@@ -255,8 +255,8 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         if self.tp_size > 1 or self.ep_size > 1:
             with torch.no_grad():
                 self.routing_map = gather_from_sequence_parallel_region(self.routing_map, group=self.tp_ep_group)
-        self.routes = _dropless_routes(self.routing_map, self.router_topk)
-        counts = self.routes[3]
+        flat, source, rows, counts = _dropless_routes(self.routing_map, self.router_topk)
+        self.routes = flat, source  # read in dispatch_postprocess, once the block bounds are known
         first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
         self.local_counts = counts[first:last]  # tokens per local expert, on the device
         start, n = counts[:first].sum(), self.local_counts.sum()  # 0-dim, on the device
@@ -271,7 +271,6 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
             probs = gather_from_sequence_parallel_region(probs, group=self.tp_ep_group)
             hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.tp_ep_group,
                                                                  use_global_buffer=True)
-        rows = self.routes[2]
         # each token's rows inside the block, relative to it; n (an empty slot) for the others
         local_rows = torch.where((rows >= start) & (rows < start + n), rows - start, n)  # [N, top-k]
         if local_rows.shape[1] == 1:  # gather_sum reads one slot as a plain gather: no empty slots
@@ -287,7 +286,7 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         if self.bounds_ready is not None:
             self.bounds_ready.synchronize()
         start, n = self.bounds.tolist()
-        flat, source, _, _ = self.routes
+        flat, source = self.routes
         local_counts = self.local_counts
         self.routes = self.local_counts = self.bounds = self.bounds_ready = self.routing_map = None
         self.local_source = source[start:start + n].unsqueeze(1)  # [n, 1]
@@ -314,8 +313,7 @@ class SyncFreeAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         backward is the same bits too: Megatron all-gathers the bf16 gradients widened to fp32,
         this all-gathers them in bf16. Over more ranks a ring's partial sums would round in bf16,
         so Megatron's fp32 reduce-scatter runs there (and for fp16/fp32 activations)."""
-        two_ranks = (self.tp_size > 1 or self.ep_size > 1) and self.tp_ep_group.size() == 2
-        if two_ranks and hidden_states.dtype == torch.bfloat16:
+        if self.tp_ep_group.size() == 2 and hidden_states.dtype == torch.bfloat16:
             return reduce_scatter_to_sequence_parallel_region(hidden_states, group=self.tp_ep_group)
         return super().token_combine(hidden_states)
 
